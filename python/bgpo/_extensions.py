@@ -1,0 +1,14 @@
+"""Register the optional backends: the Triton kernels (``bgpo_kernels``) and the C++/CUDA extension.
+
+Each is optional: when it is missing the library runs on its PyTorch paths.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+
+def load() -> None:
+    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("bgpo_kernels") is not None:
+        import bgpo_kernels
+
+        bgpo_kernels.register()

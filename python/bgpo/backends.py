@@ -1,0 +1,74 @@
+"""Which implementation of an op runs: a small registry shared by every op.
+
+Each op (``random_mask``, ``fused_elbo_loss``) has a pure-PyTorch implementation registered as the
+``"torch"`` backend; the Triton kernels (``bgpo_kernels``) and the C++/CUDA extension (``bgpo._C``)
+register further backends when they import.  ``backend="auto"`` takes the first backend in the
+device's preference order that is registered and available; naming a backend that cannot run on
+the given tensors is an error that says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Backend", "register_backend", "resolve_backend", "registered_backends", "AUTO_ORDER"]
+
+# Preference of backend="auto", per device type.  "cpu" is the C++ CPU path of bgpo._C.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    impl: object  # op-specific: a module or namespace with the functions the op calls
+    # available(device) -> None if the backend can run on that device, else the reason it cannot.
+    available: Callable[[torch.device], str | None]
+    # Whether backend="auto" may choose it (a backend that is correct but slower than another opts out).
+    auto: bool = True
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def register_backend(op: str, backend: Backend) -> None:
+    _REGISTRY.setdefault(op, {})[backend.name] = backend
+
+
+def registered_backends(op: str) -> tuple[str, ...]:
+    return tuple(_REGISTRY.get(op, {}))
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> Backend:
+    """The backend that runs ``op`` on ``device`` for the user's ``backend`` argument."""
+    table = _REGISTRY.get(op, {})
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            candidate = table.get(name)
+            if candidate is not None and candidate.auto and candidate.available(device) is None:
+                return candidate
+        return table["torch"]
+    known = ("auto", "torch", "triton", "cuda", "cpu")
+    if backend not in known:
+        raise ValueError(f"backend: expected one of {known}, got {backend!r}")
+    candidate = table.get(backend)
+    if candidate is None:
+        raise ValueError(
+            f"backend: {backend!r} is not available for {op} "
+            f"(registered: {', '.join(table) or 'none'}); {_MISSING_HINT.get(backend, '')}".rstrip("; ")
+        )
+    reason = candidate.available(device)
+    if reason is not None:
+        raise ValueError(f"backend: {backend!r} cannot run {op} on {device.type} tensors: {reason}")
+    return candidate
+
+
+_MISSING_HINT = {
+    "triton": "install triton (it comes with CUDA builds of torch)",
+    "cuda": "build the extension with a CUDA toolkit: pip install -e . (see README, 'Building the extension')",
+    "cpu": "build the extension: pip install -e . (see README, 'Building the extension')",
+}

@@ -1,0 +1,279 @@
+"""RL objectives over per-sample ELBO terms (SPEC §2, §3).  Every loss is to be *minimised*.
+
+Notation: for one response, MC sample j has the ELBO term ℓ_j (differentiable, under θ) and ℓ_j^old
+(a constant, under θ_old, on the same noisy sample); ``d_j = ℓ_j - ℓ_j^old``; A is the group
+advantage; n_t the number of MC samples; D the number of responses the loss averages over.
+
+* ``bgpo_bound``/``bgpo_loss`` — the paper's linear lower bound, one sample at a time::
+
+      g_j = (1 + d_j) A / n_t     if A >= 0      (e^δ >= 1 + δ: the tangent at 0)
+      g_j = e^{d_j}   A / n_t     if A <  0      (Jensen: e^{mean d} <= mean e^d, times A < 0)
+
+  Σ_j g_j <= exp(mean_j d_j) A for every d and A, with equality of value *and* gradient at d = 0
+  (on-policy): both are A and (A/n_t) Σ_j ∇ℓ_j.  ∂g_j/∂ℓ_j = A/n_t (A >= 0) or A e^{d_j}/n_t (A < 0):
+  the per-sample bound weight c_j that ``fused_elbo_loss`` folds into its backward.
+* ``vrpo_loss`` — VRPO-OL, ``exp(mean_j d_j) A``: non-linear in the samples, so all n_t graphs live
+  until backward (the memory BGPO removes).
+* ``diffu_grpo_loss`` — d1's one-step estimator: token-level clipped ratio and k3 KL.
+* ``spg_loss`` — SPG: ELBO for A > 0, an upper bound (EUBO) or a mixture for A <= 0.
+* ``wd1_loss`` — wd1: ``-Σ softmax_G(A) log π + Σ softmax_G(-A) log π``, no ratio.
+
+Options shared with the public ports, defaults = the paper: ``clip=(ε_low, ε_high)`` applies PPO's
+``min(ρA, clip(ρ, 1-ε_low, 1+ε_high) A)`` to the ratio ρ (1 + d or e^d); off by default.
+``max_log_ratio`` clamps d (or mean d) before every exponential, default ``MAX_LOG_RATIO`` = 10
+(e^10 ≈ 2.2e4): it prevents overflow when a sequence's log-likelihood has moved far; beyond it the
+gradient of that term is zero.  A KL term is off by default (``beta`` in diffu-GRPO).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "MAX_LOG_RATIO",
+    "bgpo_bound",
+    "bgpo_loss",
+    "elbo_pg_loss",
+    "per_sample_loss",
+    "vrpo_loss",
+    "diffu_grpo_loss",
+    "spg_loss",
+    "wd1_weights",
+    "wd1_loss",
+]
+
+MAX_LOG_RATIO = 10.0
+
+
+def _check_clip(clip) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    try:
+        low, high = (float(c) for c in clip)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip: expected None or a pair (eps_low, eps_high), got {clip!r}") from None
+    if not (0.0 <= low < 1.0 and high >= 0.0):
+        raise ValueError(f"clip: expected 0 <= eps_low < 1 and eps_high >= 0, got {clip!r}")
+    return low, high
+
+
+def _check_denom(denom, batch: int) -> float:
+    if denom is None:
+        return float(max(batch, 1))
+    if isinstance(denom, bool) or not isinstance(denom, (int, float)) or not denom > 0:
+        raise ValueError(f"denom: expected a positive number (the responses the loss averages over), got {denom!r}")
+    return float(denom)
+
+
+def _check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+    return num_samples
+
+
+def _check_max_log_ratio(max_log_ratio) -> None:
+    if max_log_ratio is not None and not max_log_ratio > 0:
+        raise ValueError(f"max_log_ratio: expected None or a positive float, got {max_log_ratio!r}")
+
+
+def _check_vector(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got one on {value.device}")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values")
+    return value.float()
+
+
+def _clamp_max(x: torch.Tensor, max_log_ratio: float | None) -> torch.Tensor:
+    return x if max_log_ratio is None else x.clamp(max=max_log_ratio)
+
+
+def _clipped(ratio: torch.Tensor, advantages: torch.Tensor, clip) -> torch.Tensor:
+    """PPO's pessimistic surrogate min(ρA, clip(ρ)A), or ρA without clipping."""
+    surrogate = ratio * advantages
+    if clip is None:
+        return surrogate
+    low, high = clip
+    return torch.minimum(surrogate, ratio.clamp(1.0 - low, 1.0 + high) * advantages)
+
+
+def bgpo_bound(
+    elbo: torch.Tensor,
+    advantages: torch.Tensor,
+    old_elbo: torch.Tensor | None = None,
+    *,
+    num_samples: int,
+    clip: tuple[float, float] | None = None,
+    max_log_ratio: float | None = MAX_LOG_RATIO,
+) -> torch.Tensor:
+    """(B,) the bound terms g_j of one MC sample (to be maximised); ``old_elbo=None`` means on-policy."""
+    num_samples = _check_num_samples(num_samples)
+    clip = _check_clip(clip)
+    _check_max_log_ratio(max_log_ratio)
+    elbo = elbo.float()
+    advantages = _check_vector("advantages", advantages, elbo)
+    old = elbo.detach() if old_elbo is None else _check_vector("old_elbo", old_elbo, elbo)
+    d = elbo - old
+    positive = advantages >= 0
+    # The exponential only sees d where A < 0, so a large d of an A >= 0 row cannot overflow into
+    # a NaN gradient through torch.where.
+    exp_branch = torch.exp(_clamp_max(torch.where(positive, torch.zeros_like(d), d), max_log_ratio))
+    ratio = torch.where(positive, 1.0 + d, exp_branch)
+    return _clipped(ratio, advantages, clip) / num_samples
+
+
+def bgpo_loss(elbo, advantages, old_elbo=None, *, num_samples, denom=None, clip=None,
+              max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
+    """``-(1/D) Σ_b g_b``: the loss of one MC sample; the n_t losses of a batch sum to its BGPO loss."""
+    bound = bgpo_bound(elbo, advantages, old_elbo, num_samples=num_samples, clip=clip, max_log_ratio=max_log_ratio)
+    return -bound.sum() / _check_denom(denom, bound.shape[0])
+
+
+def elbo_pg_loss(elbo, advantages, *, num_samples, denom=None) -> torch.Tensor:
+    """``-(1/D) Σ_b A_b ℓ_b / n_t``: the linear ELBO policy gradient of one MC sample."""
+    num_samples = _check_num_samples(num_samples)
+    elbo = elbo.float()
+    advantages = _check_vector("advantages", advantages, elbo)
+    return -(advantages * elbo).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
+
+
+def per_sample_loss(elbo, advantages, old_elbo=None, *, objective, num_samples, denom=None, clip=None,
+                    max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
+    """The loss of one MC sample for the objectives that are linear in the samples (``bgpo``, ``elbo``)."""
+    if objective == "bgpo":
+        return bgpo_loss(elbo, advantages, old_elbo, num_samples=num_samples, denom=denom, clip=clip,
+                         max_log_ratio=max_log_ratio)
+    if objective == "elbo":
+        if old_elbo is not None or clip is not None:
+            raise ValueError("objective: 'elbo' takes neither old_elbo nor clip (it has no ratio); use 'bgpo'")
+        return elbo_pg_loss(elbo, advantages, num_samples=num_samples, denom=denom)
+    raise ValueError(f"objective: expected 'bgpo' or 'elbo' (the per-sample objectives), got {objective!r}")
+
+
+def vrpo_loss(
+    elbos: torch.Tensor,
+    advantages: torch.Tensor,
+    old_elbos: torch.Tensor | None = None,
+    *,
+    denom: float | None = None,
+    clip: tuple[float, float] | None = None,
+    max_log_ratio: float | None = MAX_LOG_RATIO,
+) -> torch.Tensor:
+    """VRPO-OL: ``-(1/D) Σ_b exp(mean_j d_bj) A_b`` over stacked per-sample terms ``elbos`` (n_t, B)."""
+    clip = _check_clip(clip)
+    _check_max_log_ratio(max_log_ratio)
+    if not isinstance(elbos, torch.Tensor) or elbos.dim() != 2:
+        raise ValueError(f"elbos: expected a (n_t, B) tensor, got {getattr(elbos, 'shape', type(elbos))}")
+    elbos = elbos.float()
+    advantages = _check_vector("advantages", advantages, elbos[0])
+    old = elbos.detach() if old_elbos is None else _check_vector("old_elbos", old_elbos, elbos)
+    mean_d = (elbos - old).mean(dim=0)
+    ratio = torch.exp(_clamp_max(mean_d, max_log_ratio))
+    return -_clipped(ratio, advantages, clip).sum() / _check_denom(denom, elbos.shape[1])
+
+
+def diffu_grpo_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    clip_eps: float = 0.5,
+    beta: float = 0.04,
+    denom: float | None = None,
+) -> torch.Tensor:
+    """diffu-GRPO (d1): per-token log-probs (B, T) of the one-step estimator (``bgpo.one_step_mask``).
+
+    Per token ``ρ = exp(logp - old_logp)``, surrogate ``min(ρA, clip(ρ, 1-ε, 1+ε)A)``, k3 KL to the
+    reference ``exp(ref - logp) - (ref - logp) - 1``; per-token loss ``-(surrogate - β KL)``, averaged
+    over each response's tokens, summed over responses and divided by D.  ``ref_logp`` is required
+    when ``beta > 0``.
+    """
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
+        raise ValueError(f"logp: expected a (B, T) tensor of per-token log-probs, got {getattr(logp, 'shape', logp)}")
+    if response_mask.shape != logp.shape:
+        raise ValueError(f"response_mask: expected shape {tuple(logp.shape)}, got {tuple(response_mask.shape)}")
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps: expected a float in (0, 1), got {clip_eps!r}")
+    if beta < 0:
+        raise ValueError(f"beta: expected a float >= 0, got {beta!r}")
+    logp = logp.float()
+    advantages = _check_vector("advantages", advantages, logp[:, 0]).unsqueeze(1)
+    old = logp.detach() if old_logp is None else _check_vector("old_logp", old_logp, logp)
+    ratio = torch.exp(logp - old)
+    per_token = -_clipped(ratio, advantages, (clip_eps, clip_eps))
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("ref_logp: required when beta > 0 (the k3 KL is to the reference policy)")
+        delta = _check_vector("ref_logp", ref_logp, logp) - logp
+        per_token = per_token + beta * (torch.exp(delta) - delta - 1.0)
+    weights = response_mask.float()
+    per_response = (per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return per_response.sum() / _check_denom(denom, logp.shape[0])
+
+
+SPG_NEGATIVE = ("eubo", "mixture", "elbo")
+
+
+def spg_loss(
+    elbos: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    negative: str = "mixture",
+    beta: float = 1.0,
+    mix_weight: float = 0.5,
+    denom: float | None = None,
+) -> torch.Tensor:
+    """SPG: ``-(1/D) Σ_b A_b log p̂_b`` over stacked per-sample terms ``elbos`` (n_t, B).
+
+    ``log p̂`` is the ELBO ``mean_j ℓ_j`` where A > 0 (a lower bound, pushed up) and, where A <= 0 (pushed
+    down), the EUBO ``(1/β) log mean_j exp(β ℓ_j)`` (``negative="eubo"``), the mixture
+    ``w·EUBO + (1-w)·ELBO`` (``"mixture"``, default, w = 0.5) or the ELBO (``"elbo"``).
+    """
+    if negative not in SPG_NEGATIVE:
+        raise ValueError(f"negative: expected one of {SPG_NEGATIVE}, got {negative!r}")
+    if not beta > 0:
+        raise ValueError(f"beta: expected a positive float, got {beta!r}")
+    if not 0.0 <= mix_weight <= 1.0:
+        raise ValueError(f"mix_weight: expected a float in [0, 1], got {mix_weight!r}")
+    if not isinstance(elbos, torch.Tensor) or elbos.dim() != 2:
+        raise ValueError(f"elbos: expected a (n_t, B) tensor, got {getattr(elbos, 'shape', type(elbos))}")
+    elbos = elbos.float()
+    advantages = _check_vector("advantages", advantages, elbos[0])
+    lower = elbos.mean(dim=0)
+    upper = (torch.logsumexp(beta * elbos, dim=0) - math.log(elbos.shape[0])) / beta
+    pushed_down = {"eubo": upper, "mixture": mix_weight * upper + (1.0 - mix_weight) * lower, "elbo": lower}[negative]
+    log_p = torch.where(advantages > 0, lower, pushed_down)
+    return -(advantages * log_p).sum() / _check_denom(denom, elbos.shape[1])
+
+
+def wd1_weights(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) ``softmax_G(A) - softmax_G(-A)`` over each contiguous group of ``group_size`` responses."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected an int >= 1, got {group_size!r}")
+    if advantages.dim() != 1 or advantages.shape[0] % group_size:
+        raise ValueError(
+            f"advantages: expected a 1-D tensor whose length is a multiple of group_size={group_size}, "
+            f"got shape {tuple(advantages.shape)}"
+        )
+    grouped = _check_vector("advantages", advantages, advantages).view(-1, group_size)
+    return (grouped.softmax(dim=1) - (-grouped).softmax(dim=1)).reshape(-1)
+
+
+def wd1_loss(elbo, advantages, *, group_size: int, num_samples: int = 1) -> torch.Tensor:
+    """wd1 on one MC sample's ℓ (N,): ``-(1/P) Σ_groups Σ_i (softmax_G(A) - softmax_G(-A))_i ℓ_i / n_t``.
+
+    P = N / group_size prompts; linear in the samples, so it accumulates like BGPO.
+    """
+    num_samples = _check_num_samples(num_samples)
+    weights = wd1_weights(advantages, group_size)
+    prompts = advantages.shape[0] // group_size
+    return -(weights * elbo.float()).sum() / (num_samples * prompts)

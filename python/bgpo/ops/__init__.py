@@ -1,0 +1,1 @@
+"""The ops of bgpo: one module per op, each with its custom-op registration and pure-PyTorch path."""

@@ -1,0 +1,53 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    dims: int | None = None,
+    dtype: torch.dtype | None = None,
+    integer: bool = False,
+    floating: bool = False,
+) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dims is not None and value.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(value.shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {value.dtype}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise ValueError(f"{name}: expected an integer tensor, got {value.dtype}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected float32, bfloat16 or float16, got {value.dtype}")
+
+
+def check_shape(name: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def check_device(name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{name}: expected a tensor on {reference.device}, got one on {value.device}")
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> None:
+    """``value`` is a Python int in ``[low, high)``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        raise ValueError(f"{name}: expected an int in [{low}, {high}), got {value}")
+
+
+def check_values(name: str, condition: torch.Tensor, expected: str) -> None:
+    """Data-dependent check (one host sync); skipped while torch.compile traces, where it cannot run."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(condition.all()):
+        raise ValueError(f"{name}: expected {expected}")
