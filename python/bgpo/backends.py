@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "register_backend", "resolve_backend", "registered_backends", "AUTO_ORDER"]
+__all__ = ["Backend", "register_backend", "resolve_backend", "registered_backends", "available_backends", "AUTO_ORDER"]
 
 # Preference of backend="auto", per device type.  "cpu" is the C++ CPU path of bgpo._C.
 AUTO_ORDER = {
@@ -41,6 +41,12 @@ def register_backend(op: str, backend: Backend) -> None:
 
 def registered_backends(op: str) -> tuple[str, ...]:
     return tuple(_REGISTRY.get(op, {}))
+
+
+def available_backends(op: str, device: torch.device | str) -> tuple[str, ...]:
+    """The registered backends of ``op`` that can run on ``device`` (what tests parametrize over)."""
+    device = torch.device(device)
+    return tuple(name for name, b in _REGISTRY.get(op, {}).items() if b.available(device) is None)
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> Backend:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .ops._checks import check_device, check_int, check_shape, check_tensor
+from .ops._checks import check_device, check_int, check_shape, check_tensor, check_values
 from .ops.random_mask import column_offsets
 
 __all__ = ["elbo_from_logits", "token_logprobs", "group_advantages", "one_step_mask", "STD_MODES"]
@@ -50,8 +50,7 @@ def group_advantages(
         raise ValueError(f"rewards: length {rewards.shape[0]} is not a multiple of group_size={group_size}")
     if std not in STD_MODES:
         raise ValueError(f"std: expected one of {STD_MODES}, got {std!r}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError("rewards: expected finite values")
+    check_values("rewards", torch.isfinite(rewards), "finite values")
     grouped = rewards.double().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if std != "none" and group_size > 1:

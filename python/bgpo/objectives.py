@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from .ops._checks import check_values
+
 __all__ = [
     "MAX_LOG_RATIO",
     "bgpo_bound",
@@ -86,8 +88,7 @@ def _check_vector(name: str, value, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected a tensor on {like.device}, got one on {value.device}")
     if not value.dtype.is_floating_point:
         raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name}: expected finite values")
+    check_values(name, torch.isfinite(value), "finite values")
     return value.float()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,9 +46,12 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
         raise ValueError(f"{name}: expected an int in [{low}, {high}), got {value}")
 
 
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a data-dependent check can read ``tensor``: not under torch.compile, not fake or meta."""
+    return not (torch.compiler.is_compiling() or tensor.device.type == "meta" or is_fake(tensor))
+
+
 def check_values(name: str, condition: torch.Tensor, expected: str) -> None:
-    """Data-dependent check (one host sync); skipped while torch.compile traces, where it cannot run."""
-    if torch.compiler.is_compiling():
-        return
-    if not bool(condition.all()):
+    """Data-dependent check (one host sync); skipped where values cannot be read (see values_readable)."""
+    if values_readable(condition) and not bool(condition.all()):
         raise ValueError(f"{name}: expected {expected}")

@@ -136,11 +136,10 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
                 grad_weight.addmm_(dz.t(), h)
             else:  # low-precision matmul (fp32 accumulation inside), accumulated over chunks in fp32
                 grad_weight += (dz_low.t() @ h).float()
-    empty = weight.new_empty(0)
     return (
         grad_hidden,
-        grad_weight.to(weight.dtype) if need_weight else empty,
-        grad_bias.to(bias.dtype) if need_bias else empty,
+        grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
+        grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0),
     )
 
 

@@ -36,7 +36,7 @@ import torch
 
 from .. import philox
 from ..backends import Backend, register_backend, resolve_backend
-from ._checks import check_device, check_int, check_shape, check_tensor
+from ._checks import check_device, check_int, check_shape, check_tensor, check_values
 
 __all__ = ["random_mask", "MaskedSample", "random_mask_torch", "SCHEMES"]
 
@@ -219,10 +219,7 @@ def random_mask(
         check_tensor("sequence_ids", sequence_ids, dims=1, integer=True)
         check_shape("sequence_ids", sequence_ids, (B,))
         check_device("sequence_ids", sequence_ids, input_ids)
-        if not torch.compiler.is_compiling() and B > 0:
-            lo, hi = int(sequence_ids.min()), int(sequence_ids.max())
-            if lo < 0 or hi >= MAX_SEQUENCE_ID:
-                raise ValueError(f"sequence_ids: expected values in [0, 2**31), got range [{lo}, {hi}]")
+        check_values("sequence_ids", (sequence_ids >= 0) & (sequence_ids < MAX_SEQUENCE_ID), "values in [0, 2**31)")
     noisy, masked, weight = _random_mask_op(
         input_ids, maskable, sequence_ids.to(torch.int64), int(mask_id), int(seed), int(sample_index),
         int(num_samples), scheme, float(t_min), bool(stratify_t), bool(length_normalize), backend,

@@ -1,0 +1,74 @@
+"""Bidirectional attention for masked diffusion LMs: every token attends to every (valid) token.
+
+Two input layouts:
+
+* **padded** batch (B, T) with an optional key padding mask (B, T), True = a real token.  Only keys
+  are masked: a padding query still attends to the real tokens, so its row is finite (never the NaN
+  of an all-masked softmax row) and is simply ignored by the caller.  Runs
+  ``F.scaled_dot_product_attention``, which picks the flash / memory-efficient kernel on GPU.
+* **packed** batch of one row holding several sequences back to back, delimited by ``cu_seqlens``
+  (int32, ``[0, len_0, len_0 + len_1, ..., total]``); a token attends only within its sequence.  On CUDA
+  in fp16/bf16 with flash-attn installed this is flash-attn's varlen kernel (no padding, no T x T mask);
+  elsewhere it falls back to SDPA with a block-diagonal mask (same result, O(T^2) mask memory).
+
+Tensors are laid out (B, T, heads, head_dim), flash-attn's layout; grouped-query attention
+(fewer KV heads) is handled by both paths without repeating K and V.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attend", "flash_attn_varlen", "packed_segment_ids"]
+
+
+@functools.cache
+def flash_attn_varlen():
+    """flash-attn's ``flash_attn_varlen_func``, or ``None`` when flash-attn is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def packed_segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Index of the sequence each of the ``total`` packed tokens belongs to, shape (total,)."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention without a causal mask; returns (B, T, heads, head_dim) like ``q``."""
+    if cu_seqlens is not None:
+        varlen = flash_attn_varlen()
+        if varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            cu = cu_seqlens.to(torch.int32)
+            longest = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
+            out = varlen(q[0], k[0], v[0], cu, cu, longest, longest, dropout_p=0.0, causal=False)
+            return out.unsqueeze(0)
+        segments = packed_segment_ids(cu_seqlens, q.shape[1])
+        allowed = (segments[:, None] == segments[None, :])[None, None]  # (1, 1, T, T)
+    elif key_padding_mask is not None:
+        allowed = key_padding_mask[:, None, None, :]  # (B, 1, 1, T): mask keys only
+    else:
+        allowed = None
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed,
+        is_causal=False,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)

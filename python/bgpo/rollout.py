@@ -1,0 +1,222 @@
+"""Rollouts: LLaDA's semi-autoregressive block diffusion sampler, batched over prompts x responses.
+
+The response (``gen_length`` tokens) starts fully masked and is split into blocks of
+``block_length``, filled left to right; the ``steps`` are divided equally among the blocks.  Within a
+block, step s unmasks ``k_s`` tokens: the block's masked count spread evenly over its steps, the
+remainder going to the earliest steps (``divmod(block_length, steps_per_block)``).  At each step:
+
+1. the model predicts every position from the current sequence (with classifier-free guidance,
+   ``l = l_uncond + (cfg_scale + 1) * (l_cond - l_uncond)``, the unconditional pass seeing the prompt
+   replaced by masks);
+2. the prediction is ``argmax(l)`` at temperature 0, else the Gumbel-max sample LLaDA draws in float64,
+   ``argmax(exp(l) / (-log u)^T)`` with ``u ~ U[0, 1)``.  We evaluate its logarithm,
+   ``argmax(l - T * log(-log u))``: the same argmax (log is increasing), without ``exp`` overflowing
+   for logits above ~709;
+3. the confidence of a position is the probability of its prediction, ``softmax(l)[x0]`` in float64
+   (``remasking="low_confidence"``), or uniform noise (``"random"``);
+4. among the still-masked positions of the current block, the ``k_s`` most confident are unmasked.
+
+LLaDA scores every position and gives those after the current block confidence -inf.  Here only the
+current block's rows go through the LM head (the model still sees the whole sequence): positions after
+the block are never chosen in LLaDA either, because the block always has at least ``k_s`` masked
+positions left (its masked count is the sum of the remaining ``k``), and unmasked positions are never
+chosen.  This saves a factor ``(prompt + gen_length) / block_length`` of LM-head work and memory.
+The prompt is never modified.  A step with ``k_s = 0`` (more steps than tokens) changes nothing and
+is skipped without a forward pass.
+
+Batching: every row of the batch has the same schedule (all rows start a block with the whole block
+masked), so a step is one forward pass and one ``topk`` for the whole batch, with no loop over rows.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["generate", "GenerationOutput", "transfer_schedule", "REMASKING"]
+
+REMASKING = ("low_confidence", "random")
+
+# Rows of float64 logits processed at once when sampling: bounds the extra memory of the float64
+# copy and its Gumbel noise to a few hundred MB whatever batch x block_length x vocabulary is.
+_SAMPLING_CHUNK_ELEMENTS = 1 << 24
+
+
+class GenerationOutput(NamedTuple):
+    """``sequences`` (B, P + gen_length): prompts followed by responses.
+    ``order`` (B, gen_length) if requested: the step (0 .. steps-1, counted over the whole response)
+    at which each response position was unmasked; -1 if it never was (the model predicted the mask
+    token itself, which LLaDA's sampler also leaves in place)."""
+
+    sequences: torch.Tensor
+    order: torch.Tensor | None
+
+
+def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
+    """Tokens to unmask at each step of a block: equal shares, the remainder to the earliest steps."""
+    base, remainder = divmod(block_length, steps_per_block)
+    return [base + (step < remainder) for step in range(steps_per_block)]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _check_non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
+def _generator(seed, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != device.type:
+            raise ValueError(f"seed: generator is on {seed.device.type}, the prompts on {device.type}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected None, an int or a torch.Generator, got {type(seed).__name__}")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _block_logits(model, x, attention_mask, lo: int, hi: int, prompt_length: int, mask_id: int, cfg_scale: float):
+    """fp32 logits (B, hi - lo, V) of the current block, with classifier-free guidance if asked."""
+    inputs, mask = x, attention_mask
+    if cfg_scale > 0:
+        unconditional = x.clone()
+        unconditional[:, :prompt_length] = mask_id
+        inputs = torch.cat((x, unconditional))
+        mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask))
+    hidden = model.hidden_states(inputs, mask)[:, lo:hi]
+    logits = F.linear(hidden, model.lm_head_weight, model.lm_head_bias).float()
+    if cfg_scale > 0:
+        conditional, unconditional_logits = logits.chunk(2)
+        logits = unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
+    return logits
+
+
+def _predict(logits: torch.Tensor, temperature: float, remasking: str, generator):
+    """Predicted token (B, L) and its confidence (B, L) from logits (B, L, V), see the module docstring."""
+    batch, length, vocab = logits.shape
+    flat = logits.reshape(-1, vocab)
+    tokens = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    confidence = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    rows = max(1, _SAMPLING_CHUNK_ELEMENTS // vocab)
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start : start + rows].to(torch.float64)
+        scores = chunk
+        if temperature > 0:
+            u = torch.rand(chunk.shape, dtype=torch.float64, device=chunk.device, generator=generator)
+            scores = chunk - temperature * torch.log(-torch.log(u))
+        chosen = scores.argmax(dim=-1)
+        tokens[start : start + rows] = chosen
+        if remasking == "low_confidence":
+            chosen_logit = chunk.gather(-1, chosen[:, None]).squeeze(-1)
+            confidence[start : start + rows] = torch.exp(chosen_logit - chunk.logsumexp(dim=-1))
+    if remasking == "random":
+        confidence = torch.rand(flat.shape[0], dtype=torch.float64, device=logits.device, generator=generator)
+    return tokens.view(batch, length), confidence.view(batch, length)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    mask_id: int | None = None,
+    eos_id: int | None = None,
+    suppress_eos: bool = False,
+    seed: int | torch.Generator | None = None,
+    group_size: int = 1,
+    return_order: bool = False,
+) -> GenerationOutput:
+    """Sample responses with LLaDA's block diffusion sampler.
+
+    Args:
+        model: a ``bgpo.models.MaskedDiffusionLM`` (its train/eval mode is left as is: call ``eval()``
+            if it has dropout).
+        prompt_ids: (B, P) token ids; batched prompts of different lengths are left-padded.
+        attention_mask: (B, P), nonzero for real prompt tokens (zero on the left padding).
+        gen_length, block_length, steps: response length, block size, total diffusion steps;
+            ``gen_length`` must be a multiple of ``block_length``, ``steps`` of the number of blocks.
+        temperature: 0 for greedy (deterministic), else Gumbel-max sampling at that temperature.
+        remasking: ``"low_confidence"`` or ``"random"``.
+        cfg_scale: classifier-free guidance scale (0 = off; doubles the batch of each forward).
+        mask_id, eos_id: default to ``model.mask_token_id`` / ``model.eos_token_id``.
+        suppress_eos: set the EOS logit to -inf (no EOS is ever generated).
+        seed: an int, a ``torch.Generator`` on the prompts' device, or None for torch's global RNG.
+        group_size: G responses per prompt; rows ``b*G .. b*G + G-1`` of the output answer prompt b.
+        return_order: also return the step at which each response position was unmasked.
+    """
+    if not hasattr(model, "hidden_states") or not hasattr(model, "lm_head_weight"):
+        raise ValueError(
+            f"model: {type(model).__name__} is not a MaskedDiffusionLM (needs hidden_states() and "
+            "lm_head_weight); wrap Hugging Face models in bgpo.models.HFMaskedDiffusionAdapter"
+        )
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point:
+        raise ValueError("prompt_ids: expected a 2-D (batch, prompt length) tensor of token ids")
+    if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected shape {tuple(prompt_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps),
+                        ("group_size", group_size)):
+        _check_positive_int(name, value)
+    if gen_length % block_length:
+        raise ValueError(f"gen_length: {gen_length} is not a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps: {steps} is not a multiple of the number of blocks (gen_length/block_length = {num_blocks})"
+        )
+    _check_non_negative("temperature", temperature)
+    _check_non_negative("cfg_scale", cfg_scale)
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+    mask_id = model.mask_token_id if mask_id is None else mask_id
+    eos_id = model.eos_token_id if eos_id is None else eos_id
+    if suppress_eos and eos_id is None:
+        raise ValueError("eos_id: suppress_eos=True needs an EOS id and the model has none; pass eos_id=")
+
+    device = prompt_ids.device
+    generator = _generator(seed, device)
+    if group_size > 1:
+        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(group_size, dim=0)
+    batch, prompt_length = prompt_ids.shape
+    x = torch.cat((prompt_ids, prompt_ids.new_full((batch, gen_length), mask_id)), dim=1)
+    if attention_mask is not None:
+        response_visible = torch.ones(batch, gen_length, dtype=torch.bool, device=device)
+        attention_mask = torch.cat((attention_mask.to(device=device, dtype=torch.bool), response_visible), dim=1)
+    order = torch.full((batch, gen_length), -1, dtype=torch.long, device=device) if return_order else None
+
+    schedule = transfer_schedule(block_length, steps // num_blocks)
+    step = 0
+    for block in range(num_blocks):
+        lo = prompt_length + block * block_length
+        hi = lo + block_length
+        window = x[:, lo:hi]  # a view: writing into it updates x
+        for count in schedule:
+            if count:
+                logits = _block_logits(model, x, attention_mask, lo, hi, prompt_length, mask_id, cfg_scale)
+                if suppress_eos:
+                    logits[..., eos_id] = float("-inf")
+                tokens, confidence = _predict(logits, temperature, remasking, generator)
+                confidence = confidence.masked_fill(window != mask_id, float("-inf"))
+                chosen = confidence.topk(count, dim=-1).indices
+                window.scatter_(1, chosen, tokens.gather(1, chosen))
+                if order is not None:
+                    order[:, lo - prompt_length : hi - prompt_length].scatter_(1, chosen, step)
+            step += 1
+    return GenerationOutput(x, order)
