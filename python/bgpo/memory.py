@@ -10,6 +10,8 @@ block needed, including what it still holds at exit (e.g. gradients).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,21 @@ class PeakMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak_bytes / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Redirect file descriptor 2 (where C++ libraries write) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -46,8 +63,14 @@ def track_peak_memory(device: str | torch.device = "cpu"):
         raise ValueError(f"device: expected 'cpu' or a CUDA device, got {device}")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # the profiler backend logs its start, stop and a GPU probe there
+        prof.start()
+    try:
         yield stats
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0

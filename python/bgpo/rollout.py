@@ -158,6 +158,9 @@ def generate(
         seed: an int, a ``torch.Generator`` on the prompts' device, or None for torch's global RNG.
         group_size: G responses per prompt; rows ``b*G .. b*G + G-1`` of the output answer prompt b.
         return_order: also return the step at which each response position was unmasked.
+
+    Returns:
+        ``GenerationOutput(sequences, order)``; ``order`` is None unless ``return_order``.
     """
     if not hasattr(model, "hidden_states") or not hasattr(model, "lm_head_weight"):
         raise ValueError(
@@ -190,6 +193,7 @@ def generate(
         raise ValueError("eos_id: suppress_eos=True needs an EOS id and the model has none; pass eos_id=")
 
     device = prompt_ids.device
+    prompt_ids = prompt_ids.long()
     generator = _generator(seed, device)
     if group_size > 1:
         prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)

@@ -64,6 +64,8 @@ class LLaDAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
+            raise ValueError(f"n_kv_heads: expected a positive int or None, got {self.n_kv_heads!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
@@ -73,7 +75,9 @@ class LLaDAConfig:
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError(f"embedding_size: {self.embedding_size} is smaller than vocab_size={self.vocab_size}")
         if not 0 <= self.mask_token_id < self.padded_vocab_size:
-            raise ValueError(f"mask_token_id: {self.mask_token_id} is outside the embedding ({self.padded_vocab_size} rows)")
+            raise ValueError(
+                f"mask_token_id: {self.mask_token_id} is outside the embedding ({self.padded_vocab_size} rows)"
+            )
 
     @property
     def num_kv_heads(self) -> int:

@@ -1,0 +1,128 @@
+"""The C++/CUDA extension ``bgpo._C``: load it and register its kernels as bgpo backends.
+
+``bgpo._C`` registers the operators ``torch.ops.bgpo_C.{random_mask, fused_elbo_loss_fwd,
+fused_elbo_loss_bwd, philox_randint, philox_rand}`` with CPU kernels (C++, OpenMP) and, when it was
+built with a CUDA toolkit, CUDA kernels.  Here they become the backends ``"cpu"`` (CPU tensors) and
+``"cuda"`` (CUDA tensors) of ``bgpo.random_mask`` and ``bgpo.fused_elbo_loss``, with the contracts of
+those modules.  When the extension is absent, bgpo runs on its PyTorch/Triton paths and says so once.
+"""
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+from ..backends import Backend, register_backend
+
+__all__ = ["load", "available", "has_cuda_kernels", "import_error", "ExtensionNotBuiltWarning", "CPU_AUTO"]
+
+_LIB = "bgpo_C"
+_OPS = ("random_mask", "fused_elbo_loss_fwd", "fused_elbo_loss_bwd", "philox_randint", "philox_rand")
+
+# Whether backend="auto" picks the C++ CPU kernels on CPU tensors, per op.  Measured with
+# benchmarks/cpp_vs_torch_cpu.py (README, "Building the extension"): the C++ path is faster than the
+# torch backend on the CPU for both ops, so auto uses it.
+CPU_AUTO = {"random_mask": True, "fused_elbo_loss": True}
+
+_state: dict[str, object] = {"loaded": False, "error": None, "warned": False}
+
+
+class ExtensionNotBuiltWarning(UserWarning):
+    """bgpo._C is missing or failed to load; bgpo runs on its PyTorch (and Triton) paths."""
+
+
+def _import() -> bool:
+    if _state["loaded"]:
+        return True
+    if _state["error"] is not None:
+        return False
+    try:
+        from .. import _C  # noqa: F401  (loading the library registers torch.ops.bgpo_C.*)
+    except (ImportError, OSError) as error:  # not built, or built against another torch (undefined symbol)
+        _state["error"] = error
+        return False
+    _state["loaded"] = True
+    return True
+
+
+def available() -> bool:
+    """Whether bgpo._C is importable (it is imported on the first call)."""
+    return _import()
+
+
+def import_error() -> BaseException | None:
+    """Why bgpo._C could not be imported, or None."""
+    _import()
+    return _state["error"]  # type: ignore[return-value]
+
+
+def has_cuda_kernels() -> bool:
+    """Whether bgpo._C was built with its CUDA kernels (asks the dispatcher, needs no GPU)."""
+    return _import() and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{op}", "CUDA") for op in _OPS
+    )
+
+
+def _op(name: str):
+    return getattr(getattr(torch.ops, _LIB), name)
+
+
+def _cpu_available(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f'the "cpu" backend (C++ kernels of bgpo._C) runs on CPU tensors, got {device.type} tensors'
+    return None
+
+
+def _cuda_available(device: torch.device) -> str | None:
+    if not has_cuda_kernels():
+        return "bgpo._C was built without CUDA (rebuild it with a CUDA toolkit; README, 'Building the extension')"
+    if device.type != "cuda":
+        return f'the "cuda" backend runs on CUDA tensors, got {device.type} tensors'
+    return None
+
+
+def _random_mask_impl(input_ids, maskable, sequence_ids, mask_id, seed, sample_index, num_samples, scheme,
+                      t_min, stratify_t, length_normalize):
+    return _op("random_mask")(input_ids, maskable, sequence_ids, mask_id, seed, sample_index, num_samples,
+                              scheme, t_min, stratify_t, length_normalize)
+
+
+def _elbo_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size):
+    return _op("fused_elbo_loss_fwd")(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
+
+
+def _elbo_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, chunk_size,
+                   need_hidden, need_weight, need_bias):
+    return _op("fused_elbo_loss_bwd")(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse,
+                                      softcap, chunk_size, need_hidden, need_weight, need_bias)
+
+
+def _warn_once(error: BaseException | None) -> None:
+    if _state["warned"]:
+        return
+    _state["warned"] = True
+    if isinstance(error, ModuleNotFoundError):
+        why = "it is not built"
+    else:
+        why = f"it failed to load ({type(error).__name__}: {error})"
+    warnings.warn(
+        f"bgpo: the C++/CUDA extension bgpo._C is unavailable: {why}.  bgpo runs on its PyTorch (and Triton) "
+        "paths; backend='cpu' and backend='cuda' are unavailable.  To build it: "
+        "`pip install --no-build-isolation -e .` with torch installed (README, 'Building the extension').",
+        ExtensionNotBuiltWarning,
+        stacklevel=3,
+    )
+
+
+def load() -> bool:
+    """Import bgpo._C and register its backends; warn once if it is unavailable.  Returns whether it loaded."""
+    if not _import():
+        _warn_once(_state["error"])  # type: ignore[arg-type]
+        return False
+    register_backend("random_mask", Backend("cpu", _random_mask_impl, _cpu_available, auto=CPU_AUTO["random_mask"]))
+    register_backend("random_mask", Backend("cuda", _random_mask_impl, _cuda_available))
+    elbo = SimpleNamespace(forward=_elbo_forward, backward=_elbo_backward)
+    register_backend("fused_elbo_loss", Backend("cpu", elbo, _cpu_available, auto=CPU_AUTO["fused_elbo_loss"]))
+    register_backend("fused_elbo_loss", Backend("cuda", elbo, _cuda_available))
+    return True

@@ -1,0 +1,224 @@
+"""The gradient of one RL update for a masked diffusion LM: MC samples drawn, forwarded, back-propagated.
+
+``accumulate_policy_gradient`` leaves the gradient of the batch's loss in ``.grad`` (the caller steps
+the optimizer).  How the graph is held is the point of the library:
+
+* ``bgpo`` and ``wd1`` are linear in the MC samples: for each micro-batch and each sample j, one
+  forward, ``fused_elbo_loss``, ``backward`` — the graph of sample j is freed before sample j+1, so
+  peak memory does not grow with n_t.
+* ``vrpo`` and ``spg`` are not: the n_t graphs of a micro-batch live until one backward, so memory
+  grows linearly with n_t (by design; they are here for comparison).
+* ``diffu_grpo`` is d1's one-step estimator: one forward of the fully masked response (prompt tokens
+  masked with p = 0.15), per-token log-probs from full logits; n_t does not apply.
+
+Masks come from ``random_mask`` seeded by ``seed`` and the sequence ids, so the old policy's ELBO terms
+(``old_policy_elbos``, computed once without grad before the first of μ updates) and every update
+see the same noisy samples, regenerated rather than stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import objectives
+from .estimators import one_step_mask, token_logprobs
+from .ops.fused_elbo_loss import fused_elbo, fused_elbo_loss
+from .ops.random_mask import random_mask
+
+__all__ = ["PolicyBatch", "accumulate_policy_gradient", "old_policy_elbos", "old_policy_token_logprobs", "OBJECTIVES"]
+
+OBJECTIVES = ("bgpo", "vrpo", "diffu_grpo", "spg", "wd1")
+
+
+@dataclass
+class PolicyBatch:
+    """N responses of one update.  Prompts are left-padded to a common length P; responses follow."""
+
+    input_ids: torch.Tensor  # (N, P + T) prompt and response tokens
+    prompt_length: int  # P
+    response_mask: torch.Tensor  # (N, T) bool: valid response tokens (the ones the ELBO scores)
+    advantages: torch.Tensor  # (N,) group advantages
+    sequence_ids: torch.Tensor  # (N,) ids that seed each response's masks
+    attention_mask: torch.Tensor | None = None  # (N, P + T), zero on prompt padding
+    group_size: int = 1  # G: responses per prompt, contiguous (wd1's softmax runs over groups)
+
+    def __post_init__(self):
+        N, total = self.input_ids.shape
+        T = total - self.prompt_length
+        if self.response_mask.shape != (N, T):
+            raise ValueError(f"response_mask: expected shape {(N, T)}, got {tuple(self.response_mask.shape)}")
+        if self.advantages.shape != (N,):
+            raise ValueError(f"advantages: expected shape {(N,)}, got {tuple(self.advantages.shape)}")
+        if self.sequence_ids.shape != (N,):
+            raise ValueError(f"sequence_ids: expected shape {(N,)}, got {tuple(self.sequence_ids.shape)}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, rows: slice) -> "PolicyBatch":
+        return PolicyBatch(
+            self.input_ids[rows], self.prompt_length, self.response_mask[rows], self.advantages[rows],
+            self.sequence_ids[rows], None if self.attention_mask is None else self.attention_mask[rows],
+            self.group_size,
+        )
+
+    @property
+    def maskable(self) -> torch.Tensor:
+        """(N, P + T) bool: response tokens only; the prompt is never masked."""
+        prompt = torch.zeros_like(self.input_ids[:, : self.prompt_length], dtype=torch.bool)
+        return torch.cat([prompt, self.response_mask], dim=1)
+
+
+def _sample_elbo(model, batch: PolicyBatch, j: int, *, num_samples, seed, scheme, backend):
+    """The inputs of ``fused_elbo(_loss)`` for MC sample j: the model's forward on the noisy batch."""
+    sample = random_mask(batch.input_ids, batch.maskable, mask_id=model.mask_token_id, seed=seed,
+                         sample_index=j, num_samples=num_samples, sequence_ids=batch.sequence_ids, scheme=scheme)
+    P = batch.prompt_length
+    hidden = model.hidden_states(sample.noisy_ids, batch.attention_mask)[:, P:]
+    return dict(hidden=hidden, weight=model.lm_head_weight, targets=batch.input_ids[:, P:],
+                masked=sample.masked[:, P:], elbo_weight=sample.elbo_weight, bias=model.lm_head_bias,
+                backend=backend)
+
+
+@torch.no_grad()
+def old_policy_elbos(model, batch: PolicyBatch, *, num_samples: int, seed: int, scheme: str = "stratified",
+                     micro_batch_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """(n_t, N) ELBO terms ℓ_j^old of the current parameters, to keep as scalars for μ > 1 updates."""
+    step = micro_batch_size or len(batch)
+    columns = []
+    for start in range(0, len(batch), step):
+        micro = batch.slice(slice(start, start + step))
+        columns.append(torch.stack([
+            fused_elbo(**_sample_elbo(model, micro, j, num_samples=num_samples, seed=seed, scheme=scheme,
+                                      backend=backend))
+            for j in range(num_samples)
+        ]))
+    return torch.cat(columns, dim=1)
+
+
+def accumulate_policy_gradient(
+    model,
+    batch: PolicyBatch,
+    *,
+    objective: str = "bgpo",
+    num_samples: int,
+    seed: int,
+    old_elbos: torch.Tensor | None = None,
+    micro_batch_size: int | None = None,
+    denom: float | None = None,
+    scheme: str = "stratified",
+    backend: str = "auto",
+    clip: tuple[float, float] | None = None,
+    max_log_ratio: float | None = objectives.MAX_LOG_RATIO,
+    diffu_grpo_options: dict | None = None,
+    spg_options: dict | None = None,
+    gradient_sync: Callable[[bool], None] | None = None,
+) -> dict:
+    """Back-propagate the batch's loss for ``objective``; return ``{"loss": float, "elbo": (n_t, N) or None}``.
+
+    ``old_elbos`` (n_t, N) from ``old_policy_elbos`` for off-policy updates (None: on-policy).
+    ``denom`` defaults to N, so the losses of the micro-batches sum to the batch's mean loss.
+    ``diffu_grpo_options`` may hold per-response tensors ``old_logp``/``ref_logp`` (N, T) for the whole
+    batch; each micro-batch gets its rows.
+    ``gradient_sync(flag)`` is called with False before the first backward and True before the last
+    (e.g. FSDP2's ``model.set_requires_gradient_sync``): gradients are reduced across ranks once per call.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if old_elbos is not None and old_elbos.shape != (num_samples, len(batch)):
+        raise ValueError(f"old_elbos: expected shape {(num_samples, len(batch))}, got {tuple(old_elbos.shape)}")
+    if objective == "wd1" and micro_batch_size and micro_batch_size % batch.group_size:
+        raise ValueError("micro_batch_size: wd1 needs whole groups in a micro-batch (a multiple of group_size)")
+    denom = float(denom or len(batch))
+    step = micro_batch_size or len(batch)
+    micro_batches = -(-len(batch) // step)
+    backward = _Backward(micro_batches * (num_samples if objective in ("bgpo", "wd1") else 1), gradient_sync)
+    total, elbos = 0.0, []
+    for start in range(0, len(batch), step):
+        rows = slice(start, start + step)
+        micro = batch.slice(rows)
+        old = None if old_elbos is None else old_elbos[:, rows]
+        sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend)
+        if objective == "diffu_grpo":
+            options = {key: value[rows] if key in ("old_logp", "ref_logp") and value is not None else value
+                       for key, value in (diffu_grpo_options or {}).items()}
+            total += backward(_diffu_grpo_loss(model, micro, seed, denom, options))
+            continue
+        if objective in ("bgpo", "wd1"):
+            advantages, kind = micro.advantages, "bgpo"
+            if objective == "wd1":  # wd1_loss = elbo_pg_loss with A = G * (softmax_G(A) - softmax_G(-A)) and D = N
+                advantages, kind = objectives.wd1_weights(micro.advantages, micro.group_size) * micro.group_size, "elbo"
+            columns = []
+            for j in range(num_samples):
+                out = fused_elbo_loss(
+                    **_sample_elbo(model, micro, j, **sample), advantages=advantages,
+                    old_elbo=None if old is None else old[j], num_samples=num_samples, denom=denom,
+                    objective=kind, clip=clip if kind == "bgpo" else None, max_log_ratio=max_log_ratio,
+                )
+                total += backward(out.loss)  # sample j's graph is freed here
+                columns.append(out.elbo)
+            elbos.append(torch.stack(columns))
+            continue
+        stacked = torch.stack([fused_elbo(**_sample_elbo(model, micro, j, **sample)) for j in range(num_samples)])
+        if objective == "vrpo":
+            loss = objectives.vrpo_loss(stacked, micro.advantages, old, denom=denom, clip=clip,
+                                        max_log_ratio=max_log_ratio)
+        else:
+            loss = objectives.spg_loss(stacked, micro.advantages, denom=denom, **(spg_options or {}))
+        total += backward(loss)  # all n_t graphs of the micro-batch were alive until here
+        elbos.append(stacked.detach())
+    return {"loss": total, "elbo": torch.cat(elbos, dim=1) if elbos else None}
+
+
+class _Backward:
+    """Runs the ``count`` backward passes of one call, telling ``gradient_sync`` which one is the last."""
+
+    def __init__(self, count: int, gradient_sync: Callable[[bool], None] | None):
+        self.remaining, self.gradient_sync = count, gradient_sync
+        if gradient_sync is not None:
+            gradient_sync(count <= 1)
+
+    def __call__(self, loss: torch.Tensor) -> float:
+        self.remaining -= 1
+        if self.gradient_sync is not None and self.remaining == 0:
+            self.gradient_sync(True)
+        loss.backward()
+        return loss.item()
+
+
+def _one_step_logprobs(model, batch: PolicyBatch, seed: int, iteration: int, prompt_mask_prob: float):
+    """(N, T) per-token log-probs of the response under d1's one-step noisy input of ``iteration``."""
+    P = batch.prompt_length
+    prompt = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    prompt[:, :P] = True if batch.attention_mask is None else batch.attention_mask[:, :P].bool()
+    noisy = one_step_mask(batch.input_ids, prompt, batch.maskable, mask_id=model.mask_token_id, seed=seed,
+                          iteration=iteration, sequence_ids=batch.sequence_ids, prompt_mask_prob=prompt_mask_prob)
+    logits = model.logits(noisy, batch.attention_mask)[:, P:]
+    return token_logprobs(logits, batch.input_ids[:, P:])
+
+
+@torch.no_grad()
+def old_policy_token_logprobs(model, batch: PolicyBatch, *, seed: int, iteration: int = 0,
+                              prompt_mask_prob: float = 0.15, micro_batch_size: int | None = None) -> torch.Tensor:
+    """(N, T) diffu-GRPO's old per-token log-probs for inner iteration ``iteration`` (no grad), to pass
+    as ``diffu_grpo_options["old_logp"]`` with the same ``iteration`` when μ > 1."""
+    step = micro_batch_size or len(batch)
+    return torch.cat([
+        _one_step_logprobs(model, batch.slice(slice(start, start + step)), seed, iteration, prompt_mask_prob)
+        for start in range(0, len(batch), step)
+    ])
+
+
+def _diffu_grpo_loss(model, batch: PolicyBatch, seed: int, denom: float, options: dict) -> torch.Tensor:
+    """One-step estimator: per-token log-probs of the response under a fully masked response."""
+    options = dict(options)
+    iteration = options.pop("iteration", 0)
+    prompt_mask_prob = options.pop("prompt_mask_prob", 0.15)
+    old_logp = options.pop("old_logp", None)
+    ref_logp = options.pop("ref_logp", None)
+    options.setdefault("beta", 0.0 if ref_logp is None else 0.04)
+    logp = _one_step_logprobs(model, batch, seed, iteration, prompt_mask_prob)
+    return objectives.diffu_grpo_loss(logp, batch.advantages, batch.response_mask, old_logp, ref_logp,
+                                      denom=denom, **options)
