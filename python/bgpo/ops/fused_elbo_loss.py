@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .. import objectives
 from ..backends import Backend, register_backend, resolve_backend
+from ..memory import register_workspace
 from ._checks import check_device, check_int, check_shape, check_tensor, check_values
 
 __all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES", "DEFAULT_CHUNK_ELEMENTS"]
@@ -81,6 +82,13 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return capped * softcap, capped
 
 
+def _forward_chunk(h, weight, bias, targets, softcap):
+    """(logsumexp, target log-prob) of a chunk of rows; the chunk's logits die on return."""
+    z, _ = _chunk_logits(h, weight, bias, softcap)
+    lse = torch.logsumexp(z, dim=1)
+    return lse, z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+
+
 def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size):
     B, L, H = hidden.shape
     rows = _masked_rows(masked)
@@ -91,12 +99,27 @@ def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, 
     step = _rows_per_chunk(chunk_size, rows.numel(), weight.shape[0])
     for start in range(0, rows.numel(), step):
         r = rows[start : start + step]
-        z, _ = _chunk_logits(flat_hidden[r], weight, bias, softcap)
-        lse_r = torch.logsumexp(z, dim=1)
-        lse[r] = lse_r
-        logp[start : start + step] = z.gather(1, flat_targets[r].unsqueeze(1)).squeeze(1) - lse_r
+        lse[r], logp[start : start + step] = _forward_chunk(flat_hidden[r], weight, bias, flat_targets[r], softcap)
     per_sequence = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add_(0, rows // L, logp)
     return per_sequence * elbo_weight.float(), lse.view(B, L)
+
+
+def _backward_chunk(h, weight, bias, targets, lse, coef, softcap, grad_weight, grad_bias, need_hidden):
+    """grad of a chunk's hidden rows (None unless need_hidden); accumulates into grad_weight / grad_bias.
+
+    ``dz = coef * (onehot - softmax)`` is built in place in the chunk's logits buffer, which dies on return.
+    """
+    z, capped = _chunk_logits(h, weight, bias, softcap)
+    dz = z.sub_(lse.unsqueeze(1)).exp_()
+    dz[torch.arange(h.shape[0], device=dz.device), targets] -= 1.0
+    dz.mul_(-coef.unsqueeze(1))
+    if capped is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh²
+        dz.mul_(1.0 - capped.square_())
+    if grad_bias is not None:
+        grad_bias += dz.sum(dim=0)
+    if grad_weight is not None:  # in fp32, in place: no (V, H) temporary whatever the input dtype
+        grad_weight.addmm_(dz.t(), h.float())
+    return dz.to(weight.dtype) @ weight if need_hidden else None
 
 
 def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, chunk_size,
@@ -111,31 +134,16 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     row_coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
 
     grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
-    flat_grad_hidden = grad_hidden.view(B * L, H) if need_hidden else None
     grad_weight = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
 
     step = _rows_per_chunk(chunk_size, rows.numel(), V)
     for start in range(0, rows.numel(), step):
         r = rows[start : start + step]
-        h = flat_hidden[r]
-        z, capped = _chunk_logits(h, weight, bias, softcap)
-        # dz = coef * (onehot - softmax), built in place in the logits buffer.
-        dz = z.sub_(flat_lse[r].unsqueeze(1)).exp_()
-        dz[torch.arange(r.numel(), device=dz.device), flat_targets[r]] -= 1.0
-        dz.mul_(-row_coef[start : start + step].unsqueeze(1))
-        if capped is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh²
-            dz.mul_(1.0 - capped.square_())
-        if need_bias:
-            grad_bias += dz.sum(dim=0)
-        dz_low = dz.to(weight.dtype)
+        grad_rows = _backward_chunk(flat_hidden[r], weight, bias, flat_targets[r], flat_lse[r],
+                                    row_coef[start : start + step], softcap, grad_weight, grad_bias, need_hidden)
         if need_hidden:
-            flat_grad_hidden[r] = dz_low @ weight
-        if need_weight:
-            if weight.dtype == torch.float32:
-                grad_weight.addmm_(dz.t(), h)
-            else:  # low-precision matmul (fp32 accumulation inside), accumulated over chunks in fp32
-                grad_weight += (dz_low.t() @ h).float()
+            grad_hidden.view(B * L, H)[r] = grad_rows
     return (
         grad_hidden,
         grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
@@ -143,9 +151,33 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     )
 
 
+def _torch_workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
+    """Peak bytes the torch backend holds inside one call beyond its outputs (``bgpo.memory.track_fake_memory``).
+
+    Per chunk of c rows: the fp32 logits plus the matmul's low-precision output they are cast from; in
+    the forward, ``logsumexp``'s fp32 temporary outlives that output instead; in the backward the
+    low-precision copy of dz.  A low-precision LM head adds the backward's fp32 grad-W accumulator,
+    which outlives the chunks and coexists with the cast output at the end.  The number of masked rows
+    is data, unknown on fake tensors, so a chunk is taken to be full: exact when at least one chunk of
+    rows is masked, an upper bound otherwise.  (Checked against the CPU allocator in tests/test_memory.py.)
+    """
+    B, L, _ = hidden.shape
+    V, H = weight.shape
+    logits = _rows_per_chunk(chunk_size, B * L, V) * V
+    low = weight.element_size() if weight.dtype != torch.float32 else 0
+    if phase == "forward":
+        return logits * (4 + max(4, low))
+    chunk = logits * (4 + low)
+    if not (need_weight and low):
+        return chunk
+    accumulator, cast_output = V * H * 4, V * H * low
+    return accumulator + max(chunk - cast_output, 0)
+
+
 register_backend(
     "fused_elbo_loss",
-    Backend("torch", SimpleNamespace(forward=_torch_forward, backward=_torch_backward), available=lambda d: None),
+    Backend("torch", SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
+                                     workspace_bytes=_torch_workspace_bytes), available=lambda d: None),
 )
 
 
@@ -231,6 +263,22 @@ def _backward(ctx, grad_elbo, _grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _workspace(phase):
+    """What a backend declares it allocates inside the op (0 if it declares nothing)."""
+    def workspace_bytes(*args):
+        hidden, weight = args[:2] if phase == "forward" else args[1:3]
+        backend, chunk_size = args[7:9] if phase == "forward" else args[9:11]
+        impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
+        declared = getattr(impl, "workspace_bytes", None)
+        need_weight = phase == "backward" and args[12]
+        return 0 if declared is None else declared(phase, hidden, weight, chunk_size, need_weight)
+    return workspace_bytes
+
+
+register_workspace("bgpo::fused_elbo_loss_fwd", _workspace("forward"))
+register_workspace("bgpo::fused_elbo_loss_bwd", _workspace("backward"))
 
 
 # ----------------------------------------------------------------------------------------------
