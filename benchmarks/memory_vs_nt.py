@@ -9,7 +9,16 @@ VRPO-OL keeps every sample's graph until its non-linear loss, so its peak grows 
 one-step estimator has no n_t (its row is the same at every n_t).
 
     python benchmarks/memory_vs_nt.py                       # CPU, the "small" LLaDA-shaped preset
-    python benchmarks/memory_vs_nt.py --device cuda --preset llada-8b --dtype bfloat16 ...
+    python benchmarks/memory_vs_nt.py --device cuda --checkpoint PATH --dtype bfloat16 ...
+    python benchmarks/memory_vs_nt.py --simulate llada-8b   # LLaDA-8B on fake tensors, per GPU
+
+``--simulate`` runs the same step on fake tensors (no memory, no compute) under
+``bgpo.memory.track_fake_memory`` and reports the memory of one GPU of a full fine-tuning run with
+AdamW sharded over ``--gpus`` GPUs (FSDP-style: bf16 compute weights, fp32 master weights, gradients
+and AdamW moments, ``--state-bytes`` = 16 bytes per parameter, divided by the number of GPUs; each
+parameter's full gradient is freed once accumulated, as a reduce-scatter frees it).  Activations
+are the simulated peak of the step for ``--micro-batch`` responses per GPU.  The simulator agrees
+with the CPU allocator within 10% (tests/test_memory.py).
 
 Writes a table to stdout, JSON and a PNG plot (``--out``, default benchmarks/results/).
 """
@@ -35,6 +44,13 @@ OBJECTIVES = ("bgpo", "vrpo", "diffu_grpo")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--simulate", default=None, metavar="PRESET",
+                   help="simulate a preset (e.g. llada-8b) on fake tensors instead of measuring")
+    p.add_argument("--gpus", type=int, default=8, help="--simulate: GPUs the weights and AdamW state are sharded over")
+    p.add_argument("--micro-batch", type=int, default=2, help="--simulate: responses per GPU per backward")
+    p.add_argument("--state-bytes", type=float, default=16.0,
+                   help="--simulate: bytes per parameter of master weights + gradients + AdamW moments")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--simulate: the GPU's memory, for the verdict")
     p.add_argument("--preset", default="small", help="bgpo.models preset: tiny, small, llada-8b")
     p.add_argument("--checkpoint", default=None, help="a local LLaDA checkpoint directory instead of a preset")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -42,13 +58,19 @@ def parse_args(argv=None):
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="G: responses per prompt")
-    p.add_argument("--prompt-length", type=int, default=32)
-    p.add_argument("--response-length", type=int, default=96)
+    p.add_argument("--prompt-length", type=int, default=None, help="default 32 (256 with --simulate)")
+    p.add_argument("--response-length", type=int, default=None, help="default 96 (512 with --simulate)")
     p.add_argument("--backend", default="auto", help="fused_elbo_loss backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG")
     p.add_argument("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.prompt_length = args.prompt_length or (256 if args.simulate else 32)
+    args.response_length = args.response_length or (512 if args.simulate else 96)
+    if args.simulate:
+        args.dtype = "bfloat16"
+        args.backend = "torch"  # the backend whose workspace is declared to the simulator
+    return args
 
 
 def build_model(args, device, dtype):
@@ -68,7 +90,8 @@ def make_batch(args, model, device):
     ids = torch.randint(0, vocab, (n, args.prompt_length + args.response_length), generator=g)
     response_mask = torch.ones(n, args.response_length, dtype=torch.bool)
     rewards = torch.randint(0, 2, (n,), generator=g).float()
-    rewards[:: args.group] = 1.0 - rewards[1 :: args.group]  # no group with all-equal rewards
+    if args.group > 1:
+        rewards[:: args.group] = 1.0 - rewards[1 :: args.group]  # no group with all-equal rewards
     return PolicyBatch(
         input_ids=ids.to(device), prompt_length=args.prompt_length, response_mask=response_mask.to(device),
         advantages=bgpo.group_advantages(rewards, args.group).to(device),
@@ -105,6 +128,55 @@ def measure(args, objective, n_t, device, dtype):
             "peak_total_mib": (static + mem.peak_bytes) / 2**20, "step_seconds": seconds}
 
 
+def simulate(args, objective, n_t):
+    """One GPU's share of a step of ``args.simulate`` on fake tensors: (static, activation peak) in bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bgpo.memory import track_fake_memory
+
+    default_dtype = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16: fake parameters cannot be converted in place
+        try:
+            model = LLaDAModelLM(LLaDAConfig.preset(args.simulate))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        params = sum(p.numel() for p in model.parameters())
+        for p in model.parameters():  # the full gradient leaves once accumulated (reduce-scatter)
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        micro = argparse.Namespace(**{**vars(args), "prompts": 1, "group": args.micro_batch})
+        batch = make_batch(micro, model, torch.device("cpu"))
+        with track_fake_memory() as mem:
+            accumulate_policy_gradient(model, batch, objective=objective, num_samples=n_t, seed=args.seed,
+                                       backend=args.backend)
+    return params * args.state_bytes / args.gpus, mem.peak_bytes
+
+
+def run_simulation(args):
+    nts = sorted(set(args.nt))
+    runs = [(o, n) for o in args.objectives for n in (nts if o != "diffu_grpo" else nts[:1])]
+    rows = []
+    for objective, n_t in progress(runs):
+        static, peak = simulate(args, objective, n_t)
+        rows.append({"objective": objective, "n_t": n_t, "peak_step_mib": peak / 2**20, "static_mib": static / 2**20,
+                     "peak_total_mib": (static + peak) / 2**20, "step_seconds": float("nan")})
+    rows += [{**r, "n_t": n} for r in rows if r["objective"] == "diffu_grpo" for n in nts[1:]]
+    print(f"\nsimulated {args.simulate}, one of {args.gpus} GPUs: sharded state "
+          f"{rows[0]['static_mib'] / 1024:.1f} GiB + activations of {args.micro_batch} responses "
+          f"(prompt {args.prompt_length}, response {args.response_length}, bf16); total GiB")
+    print(f"{'n_t':>5} " + " ".join(f"{o:>12}" for o in args.objectives))
+    by = {(r["objective"], r["n_t"]): r for r in rows}
+    for n_t in nts:
+        print(f"{n_t:>5} " + " ".join(f"{by[o, n_t]['peak_total_mib'] / 1024:>12.1f}" for o in args.objectives))
+    limit = args.gpu_memory_gib * 1024
+    for o in args.objectives:
+        over = [n for n in nts if by[o, n]["peak_total_mib"] > limit]
+        verdict = f"exceeds {args.gpu_memory_gib:g} GiB from n_t = {over[0]}" if over else \
+            f"fits in {args.gpu_memory_gib:g} GiB up to n_t = {nts[-1]}"
+        print(f"{o}: {verdict}")
+    return rows
+
+
 def progress(items):
     try:
         from tqdm import tqdm
@@ -123,19 +195,23 @@ def print_table(rows, nts, objectives):
         print(f"{n_t:>5} " + " ".join(f"{c:>22}" for c in cells))
 
 
-def plot(rows, objectives, path):
+def plot(rows, objectives, path, limit_mib=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    gib = max(r["peak_total_mib"] for r in rows) > 10 * 1024
+    scale, unit = (1024, "GiB") if gib else (1, "MiB")
     fig, ax = plt.subplots(figsize=(6, 4))
     for o in objectives:
-        pts = sorted((r["n_t"], r["peak_total_mib"]) for r in rows if r["objective"] == o)
+        pts = sorted((r["n_t"], r["peak_total_mib"] / scale) for r in rows if r["objective"] == o)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o)
+    if limit_mib is not None:
+        ax.axhline(limit_mib / scale, color="red", linestyle="--", label=f"{limit_mib / 1024:g} GiB")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("MC samples per response, n_t")
-    ax.set_ylabel("peak memory of a training step, MiB")
+    ax.set_ylabel(f"peak memory of a training step, {unit}")
     ax.set_title("Memory against n_t (params, grads, AdamW, activations)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -143,8 +219,7 @@ def plot(rows, objectives, path):
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_measurement(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here; run with --device cpu")
@@ -155,14 +230,25 @@ def main(argv=None):
     # diffu-GRPO does not depend on n_t: its one measured step stands for every n_t.
     rows += [{**r, "n_t": n} for r in rows if r["objective"] == "diffu_grpo" for n in nts[1:]]
     print_table(rows, nts, args.objectives)
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.simulate:
+        rows = run_simulation(args)
+        stem = f"memory_vs_nt_simulated_{args.simulate}"
+    else:
+        rows = run_measurement(args)
+        name = args.checkpoint and Path(args.checkpoint).name or args.preset
+        stem = f"memory_vs_nt_{args.device.split(':')[0]}_{name}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory_vs_nt_{device.type}_{args.checkpoint and Path(args.checkpoint).name or args.preset}"
-    meta = {k: v for k, v in vars(args).items()} | {"torch": torch.__version__, "machine": platform.machine()}
+    meta = vars(args) | {"torch": torch.__version__, "machine": platform.machine()}
     (out / f"{stem}.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
     print(f"\nwrote {out / f'{stem}.json'}")
     if not args.no_plot:
-        plot(rows, args.objectives, out / f"{stem}.png")
+        plot(rows, args.objectives, out / f"{stem}.png", args.gpu_memory_gib * 1024 if args.simulate else None)
         print(f"wrote {out / f'{stem}.png'}")
     return rows
 

@@ -69,3 +69,24 @@ def test_simulated_model_step_matches_the_allocator():
 
     real, fake = _measure(build, run)
     assert abs(fake - real) <= 0.1 * real, (real, fake)
+
+
+@pytest.mark.parametrize("objective", ["bgpo", "vrpo"])
+def test_simulated_policy_update_matches_the_allocator(objective):
+    """The step benchmarks/memory_vs_nt.py simulates for LLaDA-8B, on a tiny LLaDA, real against fake."""
+    from bgpo.policy_update import PolicyBatch, accumulate_policy_gradient
+
+    def build():
+        torch.manual_seed(0)
+        model = LLaDAModelLM(LLaDAConfig.preset("tiny", vocab_size=32768, mask_token_id=32767, eos_token_id=32766,
+                                                pad_token_id=32766))
+        batch = PolicyBatch(input_ids=torch.randint(0, 32000, (4, 96)), prompt_length=32,
+                            response_mask=torch.ones(4, 64, dtype=torch.bool),
+                            advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), sequence_ids=torch.arange(4))
+        return model, batch
+
+    def run(model, batch):
+        accumulate_policy_gradient(model, batch, objective=objective, num_samples=3, seed=0, backend="torch")
+
+    real, fake = _measure(build, run)
+    assert abs(fake - real) <= 0.1 * real, (real, fake)

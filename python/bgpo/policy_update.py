@@ -17,6 +17,7 @@ see the same noisy samples, regenerated rather than stored.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,7 @@ import torch
 
 from . import objectives
 from .estimators import one_step_mask, token_logprobs
+from .ops._checks import values_readable
 from .ops.fused_elbo_loss import fused_elbo, fused_elbo_loss
 from .ops.random_mask import random_mask
 
@@ -71,12 +73,21 @@ class PolicyBatch:
         return torch.cat([prompt, self.response_mask], dim=1)
 
 
-def _sample_elbo(model, batch: PolicyBatch, j: int, *, num_samples, seed, scheme, backend):
+def _forward_autocast(model, autocast: torch.dtype | None):
+    """Autocast for the model's forward only (never around backward, nor the fused LM head)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model.lm_head_weight.device.type, dtype=autocast)
+
+
+def _sample_elbo(model, batch: PolicyBatch, j: int, *, num_samples, seed, scheme, backend, autocast=None):
     """The inputs of ``fused_elbo(_loss)`` for MC sample j: the model's forward on the noisy batch."""
     sample = random_mask(batch.input_ids, batch.maskable, mask_id=model.mask_token_id, seed=seed,
                          sample_index=j, num_samples=num_samples, sequence_ids=batch.sequence_ids, scheme=scheme)
     P = batch.prompt_length
-    hidden = model.hidden_states(sample.noisy_ids, batch.attention_mask)[:, P:]
+    with _forward_autocast(model, autocast):
+        hidden = model.hidden_states(sample.noisy_ids, batch.attention_mask)[:, P:]
+    hidden = hidden.to(model.lm_head_weight.dtype)
     return dict(hidden=hidden, weight=model.lm_head_weight, targets=batch.input_ids[:, P:],
                 masked=sample.masked[:, P:], elbo_weight=sample.elbo_weight, bias=model.lm_head_bias,
                 backend=backend)
@@ -84,7 +95,8 @@ def _sample_elbo(model, batch: PolicyBatch, j: int, *, num_samples, seed, scheme
 
 @torch.no_grad()
 def old_policy_elbos(model, batch: PolicyBatch, *, num_samples: int, seed: int, scheme: str = "stratified",
-                     micro_batch_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+                     micro_batch_size: int | None = None, backend: str = "auto",
+                     autocast: torch.dtype | None = None) -> torch.Tensor:
     """(n_t, N) ELBO terms ℓ_j^old of the current parameters, to keep as scalars for μ > 1 updates."""
     step = micro_batch_size or len(batch)
     columns = []
@@ -92,7 +104,7 @@ def old_policy_elbos(model, batch: PolicyBatch, *, num_samples: int, seed: int, 
         micro = batch.slice(slice(start, start + step))
         columns.append(torch.stack([
             fused_elbo(**_sample_elbo(model, micro, j, num_samples=num_samples, seed=seed, scheme=scheme,
-                                      backend=backend))
+                                      backend=backend, autocast=autocast))
             for j in range(num_samples)
         ]))
     return torch.cat(columns, dim=1)
@@ -115,6 +127,7 @@ def accumulate_policy_gradient(
     diffu_grpo_options: dict | None = None,
     spg_options: dict | None = None,
     gradient_sync: Callable[[bool], None] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict:
     """Back-propagate the batch's loss for ``objective``; return ``{"loss": float, "elbo": (n_t, N) or None}``.
 
@@ -124,6 +137,8 @@ def accumulate_policy_gradient(
     batch; each micro-batch gets its rows.
     ``gradient_sync(flag)`` is called with False before the first backward and True before the last
     (e.g. FSDP2's ``model.set_requires_gradient_sync``): gradients are reduced across ranks once per call.
+    ``autocast`` (e.g. ``torch.bfloat16``) runs the model's forwards under autocast; the LM head and
+    backward run outside it, in the weights' dtype.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -140,11 +155,11 @@ def accumulate_policy_gradient(
         rows = slice(start, start + step)
         micro = batch.slice(rows)
         old = None if old_elbos is None else old_elbos[:, rows]
-        sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend)
+        sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend, autocast=autocast)
         if objective == "diffu_grpo":
             options = {key: value[rows] if key in ("old_logp", "ref_logp") and value is not None else value
                        for key, value in (diffu_grpo_options or {}).items()}
-            total += backward(_diffu_grpo_loss(model, micro, seed, denom, options))
+            total += backward(_diffu_grpo_loss(model, micro, seed, denom, options, autocast))
             continue
         if objective in ("bgpo", "wd1"):
             advantages, kind = micro.advantages, "bgpo"
@@ -169,7 +184,8 @@ def accumulate_policy_gradient(
             loss = objectives.spg_loss(stacked, micro.advantages, denom=denom, **(spg_options or {}))
         total += backward(loss)  # all n_t graphs of the micro-batch were alive until here
         elbos.append(stacked.detach())
-    return {"loss": total, "elbo": torch.cat(elbos, dim=1) if elbos else None}
+    loss = float(total) if values_readable(total) else total
+    return {"loss": loss, "elbo": torch.cat(elbos, dim=1) if elbos else None}
 
 
 class _Backward:
@@ -180,38 +196,42 @@ class _Backward:
         if gradient_sync is not None:
             gradient_sync(count <= 1)
 
-    def __call__(self, loss: torch.Tensor) -> float:
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         self.remaining -= 1
         if self.gradient_sync is not None and self.remaining == 0:
             self.gradient_sync(True)
         loss.backward()
-        return loss.item()
+        return loss.detach()  # no host sync per sample (and fake tensors, for the memory simulator, have no value)
 
 
-def _one_step_logprobs(model, batch: PolicyBatch, seed: int, iteration: int, prompt_mask_prob: float):
+def _one_step_logprobs(model, batch: PolicyBatch, seed: int, iteration: int, prompt_mask_prob: float,
+                       autocast: torch.dtype | None = None):
     """(N, T) per-token log-probs of the response under d1's one-step noisy input of ``iteration``."""
     P = batch.prompt_length
     prompt = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     prompt[:, :P] = True if batch.attention_mask is None else batch.attention_mask[:, :P].bool()
     noisy = one_step_mask(batch.input_ids, prompt, batch.maskable, mask_id=model.mask_token_id, seed=seed,
                           iteration=iteration, sequence_ids=batch.sequence_ids, prompt_mask_prob=prompt_mask_prob)
-    logits = model.logits(noisy, batch.attention_mask)[:, P:]
+    with _forward_autocast(model, autocast):
+        logits = model.logits(noisy, batch.attention_mask)[:, P:]
     return token_logprobs(logits, batch.input_ids[:, P:])
 
 
 @torch.no_grad()
 def old_policy_token_logprobs(model, batch: PolicyBatch, *, seed: int, iteration: int = 0,
-                              prompt_mask_prob: float = 0.15, micro_batch_size: int | None = None) -> torch.Tensor:
+                              prompt_mask_prob: float = 0.15, micro_batch_size: int | None = None,
+                              autocast: torch.dtype | None = None) -> torch.Tensor:
     """(N, T) diffu-GRPO's old per-token log-probs for inner iteration ``iteration`` (no grad), to pass
     as ``diffu_grpo_options["old_logp"]`` with the same ``iteration`` when μ > 1."""
     step = micro_batch_size or len(batch)
     return torch.cat([
-        _one_step_logprobs(model, batch.slice(slice(start, start + step)), seed, iteration, prompt_mask_prob)
+        _one_step_logprobs(model, batch.slice(slice(start, start + step)), seed, iteration, prompt_mask_prob, autocast)
         for start in range(0, len(batch), step)
     ])
 
 
-def _diffu_grpo_loss(model, batch: PolicyBatch, seed: int, denom: float, options: dict) -> torch.Tensor:
+def _diffu_grpo_loss(model, batch: PolicyBatch, seed: int, denom: float, options: dict,
+                     autocast: torch.dtype | None) -> torch.Tensor:
     """One-step estimator: per-token log-probs of the response under a fully masked response."""
     options = dict(options)
     iteration = options.pop("iteration", 0)
@@ -219,6 +239,6 @@ def _diffu_grpo_loss(model, batch: PolicyBatch, seed: int, denom: float, options
     old_logp = options.pop("old_logp", None)
     ref_logp = options.pop("ref_logp", None)
     options.setdefault("beta", 0.0 if ref_logp is None else 0.04)
-    logp = _one_step_logprobs(model, batch, seed, iteration, prompt_mask_prob)
+    logp = _one_step_logprobs(model, batch, seed, iteration, prompt_mask_prob, autocast)
     return objectives.diffu_grpo_loss(logp, batch.advantages, batch.response_mask, old_logp, ref_logp,
                                       denom=denom, **options)
