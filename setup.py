@@ -5,26 +5,35 @@ kernels (``bgpo_kernels``).  The C++/CUDA extension ``bgpo._C`` is built from ``
 importable at build time (``pip install --no-build-isolation -e .`` after installing torch); see
 README, "Building the extension".
 """
-from setuptools import setup
+from pathlib import Path
+
+from setuptools import find_packages, setup
 
 import build_ext_config
+
+README = Path(__file__).resolve().parent / "README.md"
 
 setup(
     name="bgpo",
     version="0.1.0",
     description="Memory-flat RL for masked diffusion LMs: BGPO, fused logit-free ELBO kernels, a trainer",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8") if README.is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["bgpo", "bgpo.ops", "bgpo_kernels"],
-    package_dir={"bgpo": "python/bgpo", "bgpo.ops": "python/bgpo/ops", "bgpo_kernels": "bgpo_kernels"},
+    packages=find_packages(where="python") + ["bgpo_kernels"],
+    package_dir={"": "python", "bgpo_kernels": "bgpo_kernels"},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        # what the test suite needs beyond torch: Hugging Face models for the adapter tests,
+        # safetensors for checkpoint loading, matplotlib/tqdm for the benchmarks it runs
+        "test": ["pytest>=8", "transformers>=4.46", "safetensors>=0.4", "matplotlib", "tqdm"],
         # Philox streams differ in older Triton releases: the masks are only bit-exact in this range.
         "triton": ["triton>=3.8,<3.10"],
         "bench": ["matplotlib", "tqdm"],
-        "train": ["transformers>=4.45", "safetensors", "pyyaml", "tqdm"],
+        "models": ["safetensors>=0.4"],
+        "hf": ["transformers>=4.46", "safetensors>=0.4"],
+        "flash": ["flash-attn>=2.5"],
+        "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm"],
     },
     ext_modules=build_ext_config.extensions(),
     cmdclass=build_ext_config.cmdclass(),

@@ -1,5 +1,5 @@
 // bgpo.random_mask: the per-sequence arithmetic shared by the CPU (random_mask.cpp) and CUDA
-// (random_mask.cu) kernels, so that both follow python/bgpo/ops/random_mask.py bit for bit.
+// (random_mask_cuda.cu) kernels, so that both follow python/bgpo/ops/random_mask.py bit for bit.
 //
 // Offset layout (defined once, in random_mask.py):
 //   offset = sequence_id * 2**32 + c,  c = j * 2**16 + i (column draw),  c = 2**31 + d (sequence draw d)
