@@ -9,6 +9,7 @@ if command -v nvcc >/dev/null 2>&1; then
   # A toolkit is present: the CUDA kernels must build and register (no GPU needed).
   export BGPO_FORCE_CUDA_BUILD=1 BGPO_REQUIRE_CUDA_EXTENSION=1
 fi
+source scripts/cuda_env.sh  # CMake below needs it too
 bash scripts/setup.sh
 # CMake configure + build of the CPU library (the CUDA sources are compiled by the setup.py build above;
 # torch's CMake config also needs cuBLAS/nvrtc libraries for a CMake CUDA build, which this toolkit lacks).
