@@ -26,13 +26,16 @@ setup(
     extras_require={
         # what the test suite needs beyond torch: Hugging Face models for the adapter tests,
         # safetensors for checkpoint loading, matplotlib/tqdm for the benchmarks it runs
-        "test": ["pytest>=8", "transformers>=4.46", "safetensors>=0.4", "matplotlib", "tqdm"],
+        "test": ["pytest>=8", "transformers>=4.56.2", "safetensors>=0.4", "matplotlib", "tqdm",
+                 "trl>=1.16,<1.17", "datasets"],
         # Philox streams differ in older Triton releases: the masks are only bit-exact in this range.
         "triton": ["triton>=3.8,<3.10"],
         "bench": ["matplotlib", "tqdm"],
         "models": ["safetensors>=0.4"],
         "hf": ["transformers>=4.46", "safetensors>=0.4"],
         "flash": ["flash-attn>=2.5"],
+        # bgpo.integrations.trl overrides private GRPOTrainer methods: pinned to the tested minor release
+        "trl": ["trl>=1.16,<1.17"],
         "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm"],
     },
     ext_modules=build_ext_config.extensions(),

@@ -1,0 +1,328 @@
+"""TRL's ``GRPOTrainer`` for masked diffusion LMs (LLaDA, Dream, ...), trained with BGPO.
+
+A d1-style script switches by changing the two classes and choosing n_t::
+
+    from bgpo.integrations.trl import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+    args = DiffusionGRPOConfig(output_dir="out", num_generations=8, max_completion_length=256,
+                               block_length=32, diffusion_steps=128, num_mc_samples=16)
+    trainer = DiffusionGRPOTrainer(model, reward_funcs=[correctness], args=args,
+                                   train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+What stays TRL's: the config class (and its CLI parsing), datasets and the sampler that repeats each
+prompt G times, tokenisation, reward functions and weights, group advantages, the buffering of
+``steps_per_generation`` batches and their reuse for ``num_iterations`` (μ) updates, callbacks,
+logging, checkpoints, and the accelerate launch.
+
+What bgpo replaces, at the level TRL structures it:
+
+* ``_generate_single_turn``: responses come from LLaDA's block diffusion sampler
+  (``bgpo.rollout.generate``), not from ``model.generate``.
+* ``_generate_and_score_completions``: after TRL's scoring, each response gets the ids that seed its
+  Monte Carlo masks; when the policy changes between rollout and update (μ > 1, or more generation
+  steps than accumulation steps) the old policy's ELBO terms (n_t scalars per response) are computed
+  once here, under ``no_grad``, the diffusion analogue of TRL's ``old_per_token_logps``.
+* ``training_step``: TRL computes a loss and calls ``backward`` once; BGPO's memory saving needs one
+  backward *per MC sample*, so the step runs ``bgpo.policy_update.accumulate_policy_gradient``.
+  The loss of each micro-step is divided by the accumulation steps (as TRL does), and gradients are
+  synchronised once per optimizer step.
+
+Distributed: single process and DDP (``accelerate launch`` with multi-GPU/CPU). The forwards run on
+the unwrapped model, so DDP's per-backward hooks stay idle and the trainer averages the gradients
+across ranks itself, once, at the last micro-step of each optimizer step. DeepSpeed and FSDP need
+each per-sample ``backward`` to go through their engine, which ``accumulate_policy_gradient`` does not
+offer yet: they raise ``NotImplementedError``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as error:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "bgpo.integrations.trl needs TRL 1.16 (the release it is tested with), which is not installed: "
+        "pip install 'trl>=1.16,<1.17'"
+    ) from error
+
+from ..models import HFMaskedDiffusionAdapter
+from ..objectives import MAX_LOG_RATIO, SPG_NEGATIVE
+from ..policy_update import OBJECTIVES, PolicyBatch, accumulate_policy_gradient, old_policy_elbos
+from ..policy_update import old_policy_token_logprobs
+from ..rollout import generate
+
+__all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer"]
+
+MASK_SCHEMES = ("stratified", "bernoulli")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class DiffusionGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the diffusion sampler and the Monte Carlo ELBO estimator.
+
+    Field names shared with d1's ``DiffuGRPOConfig`` (``block_length``, ``diffusion_steps``,
+    ``remasking``, ``cfg_scale``, ``mask_id``, ``p_mask_prompt``) keep d1's meaning. ``epsilon`` is the
+    clip range of ``diffu_grpo`` and, with ``clip_bound``, of the BGPO / VRPO ratios (upper bound
+    ``epsilon_high`` when set). TRL options that concern autoregressive log-probs (``loss_type``,
+    ``importance_sampling_level``, entropy terms, ...) have no effect.
+    """
+
+    objective: str = field(default="bgpo", metadata={"help": f"Policy objective, one of {OBJECTIVES}."})
+    num_mc_samples: int = field(
+        default=16, metadata={"help": "n_t: Monte Carlo samples of the ELBO per response (BGPO paper: 16)."}
+    )
+    mask_scheme: str = field(default="stratified", metadata={"help": f"Masking scheme, one of {MASK_SCHEMES}."})
+    mc_micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Responses per forward inside a step (default: the whole step)."}
+    )
+    clip_bound: bool = field(
+        default=False, metadata={"help": "PPO-style clipping of the BGPO / VRPO ratio to [1-epsilon, 1+epsilon_high]."}
+    )
+    max_log_ratio: float | None = field(
+        default=MAX_LOG_RATIO, metadata={"help": "Clamp on the log-ratio before an exponential (None: off)."}
+    )
+    spg_negative: str = field(default="mixture", metadata={"help": f"SPG bound for A <= 0, one of {SPG_NEGATIVE}."})
+    spg_beta: float = field(default=1.0, metadata={"help": "SPG's EUBO temperature beta."})
+    spg_mix_weight: float = field(default=0.5, metadata={"help": "SPG's mixture weight of the EUBO."})
+    p_mask_prompt: float = field(
+        default=0.15, metadata={"help": "diffu_grpo: probability of masking each prompt token."}
+    )
+    block_length: int = field(default=32, metadata={"help": "Sampler block length (divides max_completion_length)."})
+    diffusion_steps: int = field(default=128, metadata={"help": "Sampler steps (a multiple of the number of blocks)."})
+    remasking: str = field(default="low_confidence", metadata={"help": f"Sampler remasking, one of {REMASKING}."})
+    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale of the sampler."})
+    mask_id: int | None = field(
+        default=None, metadata={"help": "Mask token id (default: the model config's, else the tokenizer's)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.num_mc_samples < 1:
+            raise ValueError(f"num_mc_samples: expected an int >= 1, got {self.num_mc_samples!r}")
+        if self.mask_scheme not in MASK_SCHEMES:
+            raise ValueError(f"mask_scheme: expected one of {MASK_SCHEMES}, got {self.mask_scheme!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking: expected one of {REMASKING}, got {self.remasking!r}")
+        if self.spg_negative not in SPG_NEGATIVE:
+            raise ValueError(f"spg_negative: expected one of {SPG_NEGATIVE}, got {self.spg_negative!r}")
+        if self.mc_micro_batch_size is not None and self.mc_micro_batch_size < 1:
+            raise ValueError(f"mc_micro_batch_size: expected None or an int >= 1, got {self.mc_micro_batch_size!r}")
+        if self.block_length < 1 or self.max_completion_length % self.block_length:
+            raise ValueError(
+                f"block_length: expected a divisor of max_completion_length ({self.max_completion_length}), "
+                f"got {self.block_length!r}"
+            )
+        blocks = self.max_completion_length // self.block_length
+        if self.diffusion_steps < 1 or self.diffusion_steps % blocks:
+            raise ValueError(
+                f"diffusion_steps: expected a multiple of the number of blocks ({blocks}), got {self.diffusion_steps!r}"
+            )
+        if self.beta != 0.0:
+            raise ValueError(f"beta: a KL term to a reference model is not supported yet; expected 0.0, "
+                             f"got {self.beta!r}")
+        if self.use_vllm:
+            raise ValueError("use_vllm: vLLM samples autoregressively; diffusion rollouts use bgpo.rollout.generate")
+        if self.fp16:
+            raise ValueError("fp16: the per-sample backward bypasses the fp16 loss scaler; use bf16=True")
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over their sequence)."""
+    state = 0
+    for value in values:
+        state = (state + 0x9E3779B97F4A7C15 + value) & 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state >> 1
+
+
+def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    """The response up to and including its first EOS (all of it when there is none), as TRL keeps it."""
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: position + 1]
+    return tokens
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce every gradient and divide by the world size (DDP's result, computed once)."""
+    world = dist.get_world_size()
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world)
+
+
+class DiffusionGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose rollouts and policy update are those of a masked diffusion LM.
+
+    Args: as ``trl.GRPOTrainer`` (without tools, environments and custom rollout functions), with
+    ``args`` a ``DiffusionGRPOConfig``. ``model`` is a Hugging Face masked diffusion LM instance
+    (LLaDA / Dream via ``AutoModel.from_pretrained(..., trust_remote_code=True)``, or any bidirectional
+    transformers model with an ``nn.Linear`` head); it is driven through
+    ``bgpo.models.HFMaskedDiffusionAdapter``, so the logits are never materialised in training.
+    """
+
+    _tag_names = ["trl", "grpo", "bgpo", "diffusion"]
+    _name = "DiffusionGRPO"
+
+    def __init__(self, model, reward_funcs=None, args: DiffusionGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), peft_config=None):
+        if not isinstance(args, DiffusionGRPOConfig):
+            raise ValueError(f"args: expected a DiffusionGRPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            raise ValueError(
+                "model: pass a loaded model instance (e.g. AutoModel.from_pretrained(path, trust_remote_code=True)); "
+                "TRL loads a model id as a causal LM"
+            )
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                         callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "DiffusionGRPOTrainer supports single-process and DDP training; DeepSpeed and FSDP need every "
+                "per-sample backward to go through their engine"
+            )
+        self.policy = HFMaskedDiffusionAdapter(self.model, tokenizer=self._tokenizer, mask_token_id=args.mask_id)
+        self._rollouts = 0
+        self._rollout_seed = 0
+        epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        self._clip = (args.epsilon, epsilon_high) if args.clip_bound else None
+
+    # ------------------------------------------------------------------ rollouts
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """One response per (already repeated) prompt from the block diffusion sampler; no sampling log-probs."""
+        if images is not None or multimodal_fields:
+            raise ValueError("train_dataset: DiffusionGRPOTrainer generates text only, but the prompts carry images")
+        width = max(len(tokens) for tokens in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), self._tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, tokens in enumerate(prompt_ids):  # left padding
+            ids[row, width - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
+            attention[row, width - len(tokens):] = 1
+        device = self.accelerator.device
+        with torch.no_grad():
+            out = generate(self.policy, ids.to(device), attention_mask=attention.to(device),
+                           gen_length=self.args.max_completion_length, block_length=self.args.block_length,
+                           steps=self.args.diffusion_steps, temperature=self.temperature,
+                           remasking=self.args.remasking, cfg_scale=self.args.cfg_scale,
+                           seed=_mix(self._rollout_seed, 0))
+        responses = out.sequences[:, width:].tolist()
+        return [_until_eos(tokens, self.eos_token_ids) for tokens in responses], None
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        """Autoregressive per-token log-probs do not exist for a diffusion LM: ``GRPOTrainer`` asks for them
+        as old-policy statistics, which ``_generate_and_score_completions`` replaces by ELBO terms."""
+        return None, None, None
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's rollout and scoring, plus the mask seed, the sequence ids and (off-policy) the old statistics."""
+        self._rollouts += 1
+        self._rollout_seed = _mix(self.args.seed, self.accelerator.process_index, self._rollouts)
+        output = super()._generate_and_score_completions(inputs)
+        rows = output["completion_ids"].shape[0]
+        device = output["completion_ids"].device
+        first = self.accelerator.process_index * rows  # rows are laid out rank-major, as TRL slices advantages
+        output["sequence_ids"] = torch.arange(first, first + rows, device=device)
+        output["mask_seed"] = torch.full((rows,), _mix(self._rollout_seed, 1), dtype=torch.long, device=device)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self.model.training and self.args.gradient_accumulation_steps % generate_every:
+            self._add_old_policy_statistics(output)
+        return output
+
+    def _add_old_policy_statistics(self, output: dict) -> None:
+        """The old policy's ELBO terms ``old_elbos`` (N, n_t), or for diffu_grpo its per-token log-probs
+        ``old_logps`` (N, μ, T) under each inner iteration's one-step mask; kept as scalars, masks regenerated."""
+        batch = self._policy_batch(output)
+        seed = int(output["mask_seed"][0])
+        args = self.args
+        if args.objective == "diffu_grpo":
+            output["old_logps"] = torch.stack([
+                old_policy_token_logprobs(self.policy, batch, seed=seed, iteration=iteration,
+                                          prompt_mask_prob=args.p_mask_prompt,
+                                          micro_batch_size=args.mc_micro_batch_size)
+                for iteration in range(self.num_iterations)
+            ], dim=1)
+        else:
+            output["old_elbos"] = old_policy_elbos(self.policy, batch, num_samples=args.num_mc_samples, seed=seed,
+                                                   scheme=args.mask_scheme,
+                                                   micro_batch_size=args.mc_micro_batch_size).T.contiguous()
+
+    def _policy_batch(self, inputs: dict) -> PolicyBatch:
+        """The step's responses as a ``PolicyBatch``: prompt + completion, valid completion tokens scored."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        return PolicyBatch(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            prompt_length=prompt_ids.shape[1],
+            response_mask=inputs["completion_mask"].bool(),
+            advantages=inputs["advantages"].float(),
+            sequence_ids=inputs["sequence_ids"],
+            attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            group_size=self.num_generations,
+        )
+
+    # ------------------------------------------------------------------ update
+    def _grouped(self, inputs: dict) -> dict:
+        """Rows sorted by sequence id, so that the G responses of a prompt are contiguous again (TRL shuffles
+        its buffers); wd1, whose weights are a softmax over each group, also needs every group complete."""
+        order = torch.argsort(inputs["sequence_ids"])
+        inputs = {key: value[order] if isinstance(value, torch.Tensor) and value.ndim else value
+                  for key, value in inputs.items()}
+        if self.args.objective == "wd1":
+            groups = torch.unique_consecutive(inputs["sequence_ids"] // self.num_generations, return_counts=True)[1]
+            if (groups != self.num_generations).any():
+                raise ValueError(
+                    "objective: wd1 needs the G responses of each prompt in one step; set steps_per_generation=1 "
+                    "and a per_device_train_batch_size that is a multiple of num_generations"
+                )
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-step: rollout if due (TRL's buffer), then the per-MC-sample forward/backward loop."""
+        start = time.perf_counter()
+        model.train()
+        inputs = self._grouped(self._prepare_inputs(inputs))
+        args = self.args
+        accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+        batch = self._policy_batch(inputs)
+        old_elbos = inputs["old_elbos"].T if "old_elbos" in inputs else None
+        diffu_grpo_options = None
+        if args.objective == "diffu_grpo":
+            iteration = (self._step // args.steps_per_generation) % self.num_iterations
+            old_logp = inputs["old_logps"][:, iteration] if "old_logps" in inputs else None
+            diffu_grpo_options = dict(iteration=iteration, prompt_mask_prob=args.p_mask_prompt,
+                                      clip_eps=args.epsilon, old_logp=old_logp)
+        result = accumulate_policy_gradient(
+            self.policy, batch, objective=args.objective, num_samples=args.num_mc_samples,
+            seed=int(inputs["mask_seed"][0]), old_elbos=old_elbos, micro_batch_size=args.mc_micro_batch_size,
+            denom=len(batch) * accumulation, scheme=args.mask_scheme, clip=self._clip,
+            max_log_ratio=args.max_log_ratio, diffu_grpo_options=diffu_grpo_options,
+            spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight),
+        )
+        if isinstance(model, DistributedDataParallel) and self.accelerator.sync_gradients:
+            _average_gradients(self.model)
+        if result["elbo"] is not None:
+            elbo = self.accelerator.gather(result["elbo"].mean(dim=0)).mean()
+            self._metrics["train"]["elbo"].append(elbo.item())
+        self._step += 1
+        self._current_train_step_time += time.perf_counter() - start
+        if self._step % accumulation == 0:
+            self._metrics["train"]["step_time"].append(self._current_train_step_time)
+            self._current_train_step_time = 0.0
+        return torch.as_tensor(result["loss"], dtype=torch.float32, device=args.device)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation rolls out and scores completions (TRL logs the eval rewards); no loss is computed."""
+        self._prepare_inputs(inputs)
+        return None, None, None
