@@ -37,6 +37,7 @@ from ._utils import device_guard, is_interpreter
 
 __all__ = ["_random_mask_fwd_kernel", "random_mask_forward"]
 
+INTERPRET = is_interpreter()  # Triton decides interpreter or GPU when the kernels are decorated
 SEQUENCE_DRAW = 2**31
 # Largest row held in registers by one program (int64 keys: 2048 / 256 threads = 8 per thread).
 MAX_BLOCK_C = 2048
@@ -206,7 +207,7 @@ def random_mask_forward(
     block_c = max(16, block_c)
     span = torch.tensor(1.0 - t_min, dtype=torch.float32).item()
     inv_n = torch.tensor(1.0 / num_samples, dtype=torch.float32).item()
-    extra = {} if is_interpreter() else {"enable_fp_fusion": False, "num_warps": 8 if block_c > 1024 else 4}
+    extra = {} if INTERPRET else {"enable_fp_fusion": False, "num_warps": 8 if block_c > 1024 else 4}
     # The seed is a 64-bit key: pass it so Triton sees a 64-bit integer even when it would fit in 32
     # bits (a negative 32-bit seed is sign-extended by tl.randint, which is the same key).
     with device_guard(device):

@@ -1,0 +1,151 @@
+"""Compile the Triton kernels for sm_80 / sm_90 on a machine without a GPU, and report their resources.
+
+The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not that they compile for a
+GPU: this script runs Triton's real compiler (TTIR -> TTGIR -> PTX) for a chosen architecture and
+``ptxas -v`` (shipped with triton) on the PTX, for every autotune config, and prints the shared memory,
+registers and spill bytes of each.  It fails on a compile error, on shared memory over the
+architecture's limit, or (with ``--strict``) on register spills of a bf16/fp16 config.
+
+Operands are marked 16-byte aligned (``tt.divisibility=16``) as Triton does at a real launch with
+torch tensors and H, V multiples of 16; without that hint the loads are not pipelined.
+
+    python -m bgpo_kernels._compile_check --arch 90 --strict
+    python -m bgpo_kernels._compile_check --arch 80 --kernels fwd --dtypes bf16 fp32
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("unset TRITON_INTERPRET: this script compiles the kernels for a GPU")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import fused_elbo_loss as fel  # noqa: E402
+from . import random_mask as rm  # noqa: E402
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
+DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+ALIGNED_INTS = {"H", "V", "V_SPLIT", "stride_h", "stride_w", "C", "stride_ids", "stride_maskable",
+                "stride_noisy", "stride_masked"}
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                   enable_fp_fusion: bool = True) -> dict:
+    """Compile one specialisation; returns shared bytes, registers, spill bytes and the FMA count."""
+    fn = _jit_function(kernel)
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name not in constexprs and (signature[name].startswith("*") or name in ALIGNED_INTS)
+    }
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": enable_fp_fusion},
+    )
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch == 90 else ''}", "-v", path, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
+    registers = int(re.search(r"Used (\d+) registers", out.stderr).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out.stderr).group(1))
+    return {"shared": compiled.metadata.shared, "registers": registers, "spills": spills,
+            "fma": ptx.count("fma.rn.f32")}
+
+
+def _elbo_cases(kernel: str, dtype: str):
+    ptr = DTYPE[dtype]
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    flags = dict(DOT_PRECISION=precision, HAS_BIAS=True, HAS_SOFTCAP=True, EVEN_V=False, EVEN_H=True, UPCAST=False)
+    if kernel == "fwd":
+        types = dict(hidden_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, targets_ptr="*i64", rows_ptr="*i64",
+                     max_ptr="*fp32", sum_ptr="*fp32", target_logit_ptr="*fp32", N="i32", H="i32", V="i32",
+                     V_SPLIT="i32", S="i32", stride_h="i32", stride_w="i32", softcap="fp32")
+        return fel._fused_elbo_loss_fwd_kernel, types, flags
+    types = dict(hidden_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, targets_ptr="*i64", rows_ptr="*i64",
+                 lse_ptr="*fp32", coef_ptr="*fp32", grad_hidden_ptr="*fp32", grad_weight_ptr="*fp32",
+                 grad_bias_ptr="*fp32", N="i32", H="i32", V="i32", L="i32", stride_h="i32", stride_w="i32",
+                 softcap="fp32")
+    return fel._fused_elbo_loss_bwd_kernel, types, dict(flags, NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
+    parser.add_argument("--kernels", nargs="*", default=["fwd", "bwd", "reduce", "random_mask"])
+    parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
+    parser.add_argument("--first", action="store_true", help="only the first autotune config of each list")
+    parser.add_argument("--strict", action="store_true", help="fail on register spills of a bf16/fp16 config")
+    args = parser.parse_args(argv)
+    failures = []
+
+    def report(name, result, low_precision):
+        print(f"{name:<60} shared {result['shared']:>6} B  registers {result['registers']:>3}  "
+              f"spills {result['spills']:>5} B", flush=True)
+        if result["shared"] > SMEM_LIMIT[args.arch]:
+            print(f"    (over the {SMEM_LIMIT[args.arch]} B shared-memory limit: the autotuner skips it)")
+        if args.strict and low_precision and result["spills"]:
+            failures.append(f"{name}: {result['spills']} bytes of register spills")
+
+    for kernel_name in ("fwd", "bwd"):
+        if kernel_name not in args.kernels:
+            continue
+        configs = {("fwd", 80): fel._FWD_SM80, ("fwd", 90): fel._FWD_SM90,
+                   ("bwd", 80): fel._BWD_SM80, ("bwd", 90): fel._BWD_SM90}[kernel_name, args.arch]
+        for config in configs[:1] if args.first else configs:
+            for dtype in args.dtypes:
+                kernel, types, flags = _elbo_cases(kernel_name, dtype)
+                name = (f"{kernel_name} sm_{args.arch} {dtype} {config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_V']}"
+                        f"x{config.kwargs['BLOCK_H']} w{config.num_warps} s{config.num_stages}")
+                try:
+                    result = compile_kernel(kernel, types, dict(config.kwargs, **flags), args.arch,
+                                            config.num_warps, config.num_stages)
+                except Exception as err:  # noqa: BLE001 - report every failing specialisation
+                    failures.append(f"{name}: {type(err).__name__}: {err}")
+                    continue
+                report(name, result, dtype != "fp32")
+    if "reduce" in args.kernels:
+        types = dict(max_ptr="*fp32", sum_ptr="*fp32", target_logit_ptr="*fp32", rows_ptr="*i64",
+                     segment_ptr="*i64", elbo_weight_ptr="*fp32", elbo_ptr="*fp32", lse_ptr="*fp32", S="i32")
+        report(f"reduce sm_{args.arch}", compile_kernel(fel._fused_elbo_loss_reduce_kernel, types,
+                                                        dict(BLOCK_R=128, BLOCK_S=64), args.arch, 4, 1), True)
+    if "random_mask" in args.kernels:
+        types = dict(ids_ptr="*i64", maskable_ptr="*u8", sequence_ids_ptr="*i64", noisy_ptr="*i64", masked_ptr="*u8",
+                     weight_ptr="*fp32", C="i32", stride_ids="i32", stride_maskable="i32", stride_noisy="i32",
+                     stride_masked="i32", mask_id="i32", seed="i64", sample_index="i32", num_samples="i32",
+                     span="fp32", inv_n="fp32")
+        for stratified, single, stratify_t in ((True, True, False), (True, False, False), (False, True, True)):
+            name = f"random_mask sm_{args.arch} stratified={stratified} single_tile={single} stratify_t={stratify_t}"
+            result = compile_kernel(rm._random_mask_fwd_kernel, types,
+                                    dict(STRATIFIED=stratified, STRATIFY_T=stratify_t, LENGTH_NORMALIZE=True,
+                                         KEY_BITS=9, BLOCK_C=512, SINGLE_TILE=single),
+                                    args.arch, 4, 1, enable_fp_fusion=False)
+            report(name, result, True)
+            if result["fma"]:  # bit-exactness with the torch path needs separate roundings
+                failures.append(f"{name}: {result['fma']} fp32 FMA instructions with enable_fp_fusion=False")
+    for failure in failures:
+        print("FAIL", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
