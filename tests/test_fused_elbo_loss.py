@@ -79,6 +79,22 @@ def test_low_precision_error_within_a_small_multiple_of_the_reference(backend, d
         assert (a - exact).abs().max() <= 2 * ref_error + 1e-6 * exact.abs().max(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_vocabulary_tiles(monkeypatch, dtype):
+    """A budget small enough that V = 1031 splits into 512-column tiles (the last one ragged) and the
+    masked rows into blocks: the online logsumexp and the per-tile gradients stitch back exactly."""
+    from bgpo.ops import fused_elbo_loss as op
+
+    monkeypatch.setattr(op, "DEFAULT_CHUNK_ELEMENTS", 1024)
+    assert op._tiles(15, V, H, 0) == (2, 512)
+    leaves, rest = _problem(dtype, True, True)
+    out = _run(bgpo.fused_elbo_loss, leaves, rest, backend="torch", softcap=3.0)
+    monkeypatch.setattr(op, "DEFAULT_CHUNK_ELEMENTS", 2**21)
+    untiled = _run(bgpo.fused_elbo_loss, leaves, rest, backend="torch", softcap=3.0)
+    for name, a, b in zip(NAMES, out, untiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item())), name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_matches_reference(backend):
     leaves, rest = _problem(torch.float32, True, True)

@@ -20,9 +20,11 @@ applied to the (B,) vector ℓ in plain PyTorch.  Autograd's chain rule then han
 exactly the per-row coefficient above, so any objective of ``bgpo.objectives`` (or a user's own) gets
 the fused, logit-free backward.
 
-Backends (``backend=``): ``"torch"`` here, chunked over masked rows only, computing the logits of one
-chunk of rows at a time and recomputing them in backward: extra memory O(chunk·V + rows·H), never
-O(rows·V); work proportional to the number of masked rows.  ``"triton"``, ``"cuda"`` and ``"cpu"``
+Backends (``backend=``): ``"torch"`` here, on the masked rows only, one (row block x vocabulary tile)
+of logits at a time — an online logsumexp across tiles in forward, the logits recomputed in backward,
+where each vocabulary tile's grad W is finished in fp32 and written in the output dtype at once:
+extra memory O(tile + rows·H + tile width·H), never O(rows·V) nor an fp32 (V, H) buffer; work
+proportional to the number of masked rows.  ``"triton"``, ``"cuda"`` and ``"cpu"``
 (C++) register themselves in ``bgpo.backends`` with the same ``forward``/``backward`` contract:
 
     forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
@@ -49,8 +51,9 @@ from ._checks import check_device, check_int, check_shape, check_tensor, check_v
 __all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES", "DEFAULT_CHUNK_ELEMENTS"]
 
 OBJECTIVES = ("bgpo", "elbo")
-# The torch backend's chunk holds at most this many logits (rows_per_chunk = this // V): 8 MB in fp32.
+# The torch backend's tile holds at most this many logits (8 MB in fp32), at least MIN_TILE_V columns wide.
 DEFAULT_CHUNK_ELEMENTS = 2**21
+MIN_TILE_V = 512
 
 
 class ElboLoss(NamedTuple):
@@ -68,110 +71,149 @@ def _masked_rows(masked: torch.Tensor) -> torch.Tensor:
     return masked.reshape(-1).nonzero().squeeze(1)
 
 
-def _rows_per_chunk(chunk_size: int, num_rows: int, vocab: int) -> int:
-    rows = chunk_size if chunk_size > 0 else DEFAULT_CHUNK_ELEMENTS // vocab
-    return max(1, min(rows, max(num_rows, 1)))
+def _tiles(num_rows: int, vocab: int, hidden_size: int, chunk_size: int) -> tuple[int, int]:
+    """(rows per block R, vocabulary columns per tile Vt) of the torch backend.
+
+    The tile width depends on H only (its weight slice Vt x H holds about DEFAULT_CHUNK_ELEMENTS, never
+    fewer than MIN_TILE_V columns), the row block fills the rest of the budget: R x Vt logits.
+    ``chunk_size`` > 0 fixes R.  The number of masked rows only decides how many row blocks there are.
+    """
+    width = min(vocab, max(MIN_TILE_V, DEFAULT_CHUNK_ELEMENTS // hidden_size))
+    rows = chunk_size if chunk_size > 0 else max(1, DEFAULT_CHUNK_ELEMENTS // width)
+    return max(1, min(rows, num_rows)), width
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
-    """fp32 logits of a chunk of rows, and the tanh of the soft-cap (None without one)."""
-    z = F.linear(h, weight, bias).float()
+def _tile_logits(h, weight, bias, v0, v1, softcap):
+    """fp32 logits of rows ``h`` against vocabulary columns [v0, v1), and the soft-cap's tanh (or None)."""
+    z = F.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
     if softcap is None:
         return z, None
     capped = torch.tanh(z.div_(softcap))
     return capped * softcap, capped
 
 
-def _forward_chunk(h, weight, bias, targets, softcap):
-    """(logsumexp, target log-prob) of a chunk of rows; the chunk's logits die on return."""
-    z, _ = _chunk_logits(h, weight, bias, softcap)
-    lse = torch.logsumexp(z, dim=1)
-    return lse, z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+def _gather_rows(hidden, targets, masked):
+    B, L, H = hidden.shape
+    rows = _masked_rows(masked)
+    return rows, hidden.reshape(B * L, H)[rows], targets.reshape(B * L)[rows]
+
+
+def _forward_tile(h, y, weight, bias, v0, v1, softcap, m, s, target_logit):
+    """Fold vocabulary columns [v0, v1) into the running max ``m``, sum ``s`` (logsumexp = m + log s) and
+    target logit, in place.
+
+    A function of its own so that the tile's logits are freed before the next tile's are allocated.
+    """
+    z, _ = _tile_logits(h, weight, bias, v0, v1, softcap)
+    m_new = torch.maximum(m, z.amax(dim=1))
+    in_tile = (y >= v0) & (y < v1)
+    picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+    target_logit.copy_(torch.where(in_tile, picked, target_logit))
+    s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1))
+    m.copy_(m_new)
 
 
 def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size):
-    B, L, H = hidden.shape
-    rows = _masked_rows(masked)
-    flat_hidden = hidden.reshape(B * L, H)
-    flat_targets = targets.reshape(B * L)
+    """Online logsumexp over vocabulary tiles (running max m and sum s per row), row block by row block;
+    only masked rows are computed."""
+    B, L, _ = hidden.shape
+    V = weight.shape[0]
+    rows, h, y = _gather_rows(hidden, targets, masked)
+    N = rows.numel()
+    m = torch.full((N,), -torch.inf, dtype=torch.float32, device=hidden.device)
+    s = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    R, Vt = _tiles(N, V, h.shape[1], chunk_size)
+    for v0 in range(0, V, Vt):
+        for r0 in range(0, N, R):
+            r = slice(r0, r0 + R)
+            _forward_tile(h[r], y[r], weight, bias, v0, min(v0 + Vt, V), softcap, m[r], s[r], target_logit[r])
+    lse_rows = m + torch.log(s)
     lse = torch.zeros(B * L, dtype=torch.float32, device=hidden.device)
-    logp = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-    step = _rows_per_chunk(chunk_size, rows.numel(), weight.shape[0])
-    for start in range(0, rows.numel(), step):
-        r = rows[start : start + step]
-        lse[r], logp[start : start + step] = _forward_chunk(flat_hidden[r], weight, bias, flat_targets[r], softcap)
-    per_sequence = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add_(0, rows // L, logp)
+    lse[rows] = lse_rows
+    per_sequence = torch.zeros(B, dtype=torch.float32, device=hidden.device)
+    per_sequence.index_add_(0, rows // L, target_logit - lse_rows)
     return per_sequence * elbo_weight.float(), lse.view(B, L)
 
 
-def _backward_chunk(h, weight, bias, targets, lse, coef, softcap, grad_weight, grad_bias, need_hidden):
-    """grad of a chunk's hidden rows (None unless need_hidden); accumulates into grad_weight / grad_bias.
+def _backward_tile(h, h32, y, lse, coef, weight, w32, bias, v0, v1, softcap, grad_h, grad_w, grad_b):
+    """Add one (row block x vocabulary tile)'s share to grad h, grad W and grad bias (those not None).
 
-    ``dz = coef * (onehot - softmax)`` is built in place in the chunk's logits buffer, which dies on return.
+    ``dz = coef * (onehot - softmax)`` is built in place in the tile's logits, freed on return.
     """
-    z, capped = _chunk_logits(h, weight, bias, softcap)
+    z, capped = _tile_logits(h, weight, bias, v0, v1, softcap)
     dz = z.sub_(lse.unsqueeze(1)).exp_()
-    dz[torch.arange(h.shape[0], device=dz.device), targets] -= 1.0
+    in_tile = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+    dz[in_tile, y[in_tile] - v0] -= 1.0
     dz.mul_(-coef.unsqueeze(1))
     if capped is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh²
         dz.mul_(1.0 - capped.square_())
-    if grad_bias is not None:
-        grad_bias += dz.sum(dim=0)
-    if grad_weight is not None:  # in fp32, in place: no (V, H) temporary whatever the input dtype
-        grad_weight.addmm_(dz.t(), h.float())
-    return dz.to(weight.dtype) @ weight if need_hidden else None
+    if grad_h is not None:
+        grad_h.addmm_(dz, w32)
+    if grad_w is not None:
+        grad_w.addmm_(dz.t(), h32)
+    if grad_b is not None:
+        grad_b += dz.sum(dim=0)
 
 
 def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, chunk_size,
                     need_hidden, need_weight, need_bias):
+    """Vocabulary tiles outer, row blocks inner: grad W and grad bias of a tile are complete (in fp32) when
+    its rows are done and are written in the output dtype at once, so no (V, H) fp32 buffer exists;
+    grad h accumulates over tiles in an (N, H) fp32 buffer."""
     B, L, H = hidden.shape
     V = weight.shape[0]
-    rows = _masked_rows(masked)
-    flat_hidden = hidden.reshape(B * L, H)
-    flat_targets = targets.reshape(B * L)
-    flat_lse = lse.reshape(B * L)
+    rows, h, y = _gather_rows(hidden, targets, masked)
+    N = rows.numel()
+    h32 = h.float()
+    lse_rows = lse.reshape(B * L)[rows]
     # ∂loss/∂logp_r = gℓ_b * w_b for the sequence b of row r.
-    row_coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
-
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros(V, H, dtype=torch.float32, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
-
-    step = _rows_per_chunk(chunk_size, rows.numel(), V)
-    for start in range(0, rows.numel(), step):
-        r = rows[start : start + step]
-        grad_rows = _backward_chunk(flat_hidden[r], weight, bias, flat_targets[r], flat_lse[r],
-                                    row_coef[start : start + step], softcap, grad_weight, grad_bias, need_hidden)
-        if need_hidden:
-            grad_hidden.view(B * L, H)[r] = grad_rows
-    return (
-        grad_hidden,
-        grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0),
-        grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0),
-    )
+    coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
+    grad_h = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
+    R, Vt = _tiles(N, V, H, chunk_size)
+    for v0 in range(0, V, Vt):
+        v1 = min(v0 + Vt, V)
+        w32 = weight[v0:v1].float()
+        grad_w_tile = torch.zeros(v1 - v0, H, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_b_tile = torch.zeros(v1 - v0, dtype=torch.float32, device=weight.device) if need_bias else None
+        for r0 in range(0, N, R):
+            r = slice(r0, r0 + R)
+            _backward_tile(h[r], h32[r], y[r], lse_rows[r], coef[r], weight, w32, bias, v0, v1, softcap,
+                           None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
+        if need_weight:
+            grad_weight[v0:v1] = grad_w_tile
+        if need_bias:
+            grad_bias[v0:v1] = grad_b_tile
+    grad_hidden = hidden.new_empty(0)
+    if need_hidden:
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden.view(B * L, H)[rows] = grad_h.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def _torch_workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
-    """Peak bytes the torch backend holds inside one call beyond its outputs (``bgpo.memory.track_fake_memory``).
+    """The bytes the torch backend holds inside one call beyond its outputs (``bgpo.memory.track_fake_memory``).
 
-    Per chunk of c rows: the fp32 logits plus the matmul's low-precision output they are cast from; in
-    the forward, ``logsumexp``'s fp32 temporary outlives that output instead; in the backward the
-    low-precision copy of dz.  A low-precision LM head adds the backward's fp32 grad-W accumulator,
-    which outlives the chunks and coexists with the cast output at the end.  The number of masked rows
-    is data, unknown on fake tensors, so a chunk is taken to be full: exact when at least one chunk of
-    rows is masked, an upper bound otherwise.  (Checked against the CPU allocator in tests/test_memory.py.)
+    The masked-row count N is data, unknown on fake tensors: it is taken to be B·L, which makes this
+    exact when every position is masked and an upper bound otherwise.  Both passes hold the gathered
+    rows (N·H) and an R x Vt tile of fp32 logits with one temporary of its size; the backward adds
+    grad h's fp32 buffer (N·H), the fp32 copy of the rows for low-precision inputs, and fp32 copies of
+    the weight tile and of the grad-W tile (Vt·H each).  (Checked against the CPU allocator in
+    tests/test_memory.py.)
     """
-    B, L, _ = hidden.shape
-    V, H = weight.shape
-    logits = _rows_per_chunk(chunk_size, B * L, V) * V
-    low = weight.element_size() if weight.dtype != torch.float32 else 0
+    B, L, H = hidden.shape
+    V = weight.shape[0]
+    N = B * L
+    R, Vt = _tiles(N, V, H, chunk_size)
+    size = hidden.element_size()
+    low = size if hidden.dtype != torch.float32 else 0  # fp32 inputs need no fp32 copies
+    gathered = N * H * size
     if phase == "forward":
-        return logits * (4 + max(4, low))
-    chunk = logits * (4 + low)
-    if not (need_weight and low):
-        return chunk
-    accumulator, cast_output = V * H * 4, V * H * low
-    return accumulator + max(chunk - cast_output, 0)
+        return gathered + 3 * N * 4 + R * Vt * (4 + low)
+    tile_copies = Vt * H * 4 * (int(need_weight) + int(low > 0))
+    return gathered + N * H * (4 + (4 if low else 0)) + tile_copies + R * Vt * (4 + low)
 
 
 register_backend(
@@ -386,7 +428,8 @@ def fused_elbo_loss(
         max_log_ratio: clamp on d in the exponential branch (A < 0); None disables it.
         softcap: optional logit soft-cap ``cap * tanh(z / cap)``.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
-        chunk_size: rows of logits per chunk (default: as many as fit in 2**21 logits).
+        chunk_size: rows per block of the torch and C++ backends (default: as many as fit in 2**21 logits
+            per tile); it bounds their extra memory.
 
     Returns:
         ``ElboLoss(loss, elbo)``: the scalar loss and the detached (B,) ℓ.
