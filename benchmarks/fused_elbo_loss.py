@@ -1,195 +1,221 @@
-"""Benchmark of ``bgpo.fused_elbo_loss``: every available backend, forward and forward + backward.
+"""Benchmark of ``bgpo.fused_elbo_loss`` against its peers: time, rows/s and peak extra memory.
 
-On a GPU (default shapes: LLaDA's LM head, V = 126464, H = 4096, 8 responses of 512 tokens, half of
-them masked): time with ``triton.testing.do_bench`` (median and 20/80 % quantiles) and the peak extra
-memory with ``torch.cuda.max_memory_allocated``; the baselines are the naive full-logits reference and
-``torch.nn.functional.linear_cross_entropy`` (chunked) on the same masked rows (the same FLOPs without
-the per-sequence weights).  Throughput counts 2·N·H·V FLOPs forward and 6·N·H·V backward, N = masked rows.
+Every backend of the op, and on the same masked rows (half of the positions by default):
 
-On a CPU the Triton path needs a GPU (Triton's interpreter is for tests, not timing): the script says
-so and times the other backends with ``time.perf_counter`` at smaller default shapes.
+* full logits + ``F.cross_entropy`` (the naive path);
+* ``torch.nn.functional.linear_cross_entropy`` with chunking (torch >= 2.14);
+* Cut Cross-Entropy (``pip install cut-cross-entropy``): its ``torch_compile`` implementation on the
+  CPU, its Triton one on a GPU;
+* Liger-Kernel's fused linear cross-entropy (``pip install liger-kernel``), on a GPU;
 
-    python benchmarks/fused_elbo_loss.py                       # defaults for the device found
-    python benchmarks/fused_elbo_loss.py --batch 8 --length 256 --dtype bf16 --backends triton torch
+each where installed.  The peers compute Σ log p over the rows (the same 2·N·H·V forward FLOPs); the op
+adds the per-sequence weights and the BGPO bound.  Forward and forward + backward are timed (GPU:
+``triton.testing.do_bench``, median and 20/80 % quantiles; CPU: ``time.perf_counter`` over
+``--repeat`` runs); the peak memory above the inputs is measured on its own run (GPU:
+``torch.cuda.max_memory_allocated``; CPU: the allocator's events, ``bgpo.memory.track_peak_memory``),
+and reported also as *extra* memory: the peak less the gradients of hidden and weight, which every
+method returns.
+The Triton backend needs a GPU (its interpreter is for tests, not timing).
+
+    python benchmarks/fused_elbo_loss.py          # CPU: V = 126464, H scaled down to 256
+    python benchmarks/fused_elbo_loss.py --batch 8 --length 512 --hidden 4096 --dtype bf16   # GPU: LLaDA's head
+
+Writes a table to stdout and JSON (``--out``, default benchmarks/results/).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
-
-import bgpo  # noqa: E402
-from bgpo.backends import registered_backends, resolve_backend  # noqa: E402
-from bgpo.reference import fused_elbo_loss_reference  # noqa: E402
+import bgpo
+from bgpo.backends import available_backends, registered_backends
+from bgpo.memory import track_peak_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_DEFAULTS = dict(batch=8, length=512, hidden=4096, vocab=126464)
-CPU_DEFAULTS = dict(batch=2, length=64, hidden=1024, vocab=32768)
+GPU_DEFAULTS = dict(batch=8, length=512, hidden=4096, vocab=126464, dtype="bf16")
+CPU_DEFAULTS = dict(batch=4, length=128, hidden=256, vocab=126464, dtype="fp32")
 
 
-def _inputs(args, device, dtype):
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, help="responses B (GPU 8, CPU 4)")
+    p.add_argument("--length", type=int, help="response length L (GPU 512, CPU 128)")
+    p.add_argument("--hidden", type=int, help="H (GPU 4096, CPU 256)")
+    p.add_argument("--vocab", type=int, help="V (126464, LLaDA's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="GPU bf16, CPU fp32")
+    p.add_argument("--mask-rate", type=float, default=0.5, help="fraction of positions masked (default 0.5)")
+    p.add_argument("--backends", nargs="*", default=None, help="bgpo backends (default: every one available)")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="time bgpo's backends only")
+    p.add_argument("--repeat", type=int, default=5, help="CPU timing repetitions (default 5)")
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
+    args = p.parse_args(argv)
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in (GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def make_inputs(args):
+    gen = torch.Generator().manual_seed(0)
     B, L, H, V = args.batch, args.length, args.hidden, args.vocab
-    hidden = torch.randn(B, L, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(device=device, dtype=dtype).requires_grad_()
+    dtype, device = DTYPES[args.dtype], args.device
+    hidden = torch.randn(B, L, H, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(device, dtype).requires_grad_()
     targets = torch.randint(0, V, (B, L), generator=gen).to(device)
     masked = (torch.rand(B, L, generator=gen) < args.mask_rate).to(device)
-    elbo_weight = (1.0 / torch.full((B,), args.mask_rate)).to(device)
+    elbo_weight = torch.full((B,), 1.0 / args.mask_rate, device=device)
     advantages = torch.randn(B, generator=gen).to(device)
     return hidden, weight, targets, masked, elbo_weight, advantages
 
 
-def _cases(args, inputs, backends):
-    """name -> (forward fn, forward + backward fn)."""
+def bgpo_case(backend, inputs):
     hidden, weight, targets, masked, elbo_weight, advantages = inputs
-    cases = {}
-    for name in backends:
-        def fwd(name=name):
-            with torch.no_grad():
-                return bgpo.fused_elbo(hidden, weight, targets, masked, elbo_weight, backend=name)
 
-        def fwd_bwd(name=name):
-            bgpo.fused_elbo_loss(hidden, weight, targets, masked, elbo_weight, advantages,
-                                 num_samples=16, backend=name).loss.backward()
+    def loss():
+        return bgpo.fused_elbo_loss(hidden, weight, targets, masked, elbo_weight, advantages, num_samples=16,
+                                    backend=backend).loss
+    return loss
 
-        cases[name] = (fwd, fwd_bwd)
-    if args.baselines:
-        def ref_fwd():
-            with torch.no_grad():
-                return fused_elbo_loss_reference(hidden, weight, targets, masked, elbo_weight, advantages)
 
-        def ref_fwd_bwd():
-            fused_elbo_loss_reference(hidden, weight, targets, masked, elbo_weight, advantages,
-                                      num_samples=16).loss.backward()
+def peer_cases(args, inputs):
+    """name -> fn returning a scalar loss over the masked rows (the rows gathered inside, as a caller would)."""
+    hidden, weight, targets, masked, _, _ = inputs
+    rows = masked.reshape(-1).nonzero().squeeze(1)
+    H = hidden.shape[-1]
 
-        cases["reference (full logits)"] = (ref_fwd, ref_fwd_bwd)
-        lce = getattr(torch.nn.functional, "linear_cross_entropy", None)
-        options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-        if lce is not None and options is not None:
-            rows = masked.reshape(-1).nonzero().squeeze(1)
+    def gathered():
+        return hidden.reshape(-1, H)[rows], targets.reshape(-1)[rows]
 
-            def lce_call():
-                h = hidden.reshape(-1, hidden.shape[-1])[rows]
-                return lce(h, weight, targets.reshape(-1)[rows], reduction="sum", options=options())
+    def full_logits():
+        h, y = gathered()
+        return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
-            def lce_fwd():
-                with torch.no_grad():
-                    return lce_call()
+    cases = {"full logits + F.cross_entropy": full_logits}
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is not None:
+        def torch_lce():
+            h, y = gathered()
+            return F.linear_cross_entropy(h, weight, y, reduction="sum", options=options())
+        cases["torch linear_cross_entropy"] = torch_lce
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError:
+        print("Cut Cross-Entropy: not installed (pip install cut-cross-entropy)")
+    else:
+        impl = "cce" if args.device.type == "cuda" else "torch_compile"
 
-            def lce_fwd_bwd():
-                lce_call().backward()
+        def cut_ce():
+            h, y = gathered()
+            return cce(h, weight, y, reduction="sum", impl=impl)
+        cases[f"Cut Cross-Entropy ({impl})"] = cut_ce
+    if args.device.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            print("Liger-Kernel: not installed (pip install liger-kernel)")
+        else:
+            liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
-            cases["torch linear_cross_entropy (chunked)"] = (lce_fwd, lce_fwd_bwd)
+            def liger_flce():
+                h, y = gathered()
+                return liger(weight, h, y)
+            cases["Liger fused linear CE"] = liger_flce
+    else:
+        print("Liger-Kernel: its fused linear cross-entropy is Triton-only, skipped on the CPU")
     return cases
 
 
-def _flops(args, masked_rows):
-    nhv = masked_rows * args.hidden * args.vocab
-    return 2 * nhv, 8 * nhv  # forward; forward + backward (2 + 6)
+def timed(fn, args, grads):
+    """(median, p20, p80) ms of fn()."""
+    if args.device.type == "cuda":
+        import triton.testing
 
-
-def _gpu_measure(fn, grads):
-    import triton.testing
-
-    median, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads)
-    torch.cuda.synchronize()
-    for g in grads:
-        g.grad = None
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    return median, q20, q80, peak
-
-
-def _cpu_measure(fn, grads, repeat):
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads))
+    fn()  # warm-up (and compilation, for torch.compile'd peers)
     times = []
-    fn()  # warm-up
-    for _ in range(repeat):
+    for _ in range(args.repeat):
         for g in grads:
             g.grad = None
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return statistics.median(times), q[1], q[7], None
+    return statistics.median(times), q[1], q[7]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, help="responses B (GPU 8, CPU 2)")
-    parser.add_argument("--length", type=int, help="response length L (GPU 512, CPU 64)")
-    parser.add_argument("--hidden", type=int, help="H (GPU 4096, CPU 1024)")
-    parser.add_argument("--vocab", type=int, help="V (GPU 126464, CPU 32768)")
-    parser.add_argument("--mask-rate", type=float, default=0.5, help="fraction of positions masked (default 0.5)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="GPU bf16, CPU fp32")
-    parser.add_argument("--backends", nargs="*", default=None, help="default: every available backend")
-    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
-                        help="skip the full-logits reference and torch's linear_cross_entropy")
-    parser.add_argument("--repeat", type=int, default=5, help="CPU timing repetitions (default 5)")
-    args = parser.parse_args(argv)
+def peak_bytes(fn, args, grads):
+    for g in grads:
+        g.grad = None
+    with track_peak_memory(args.device) as mem:
+        fn()
+    return mem.peak_bytes
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    for key, value in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
 
-    available = []
-    for name in registered_backends("fused_elbo_loss"):
-        try:
-            resolve_backend("fused_elbo_loss", name, device)
-            available.append(name)
-        except ValueError as err:
-            if name == "triton":
-                print("triton: skipped -- the Triton path needs a GPU (CUDA tensors)")
-            else:
-                print(f"{name}: skipped ({str(err).split(': ', 1)[-1]})")
-    if "triton" not in registered_backends("fused_elbo_loss"):
-        print("triton: not installed (pip install triton; it needs a GPU)")
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") == "1" and "triton" in available:
-        print("triton: runs in the interpreter here (correctness only), not timed")
-        available.remove("triton")
-    backends = [b for b in (args.backends or available) if b in available]
+def main(argv=None):
+    args = parse_args(argv)
+    inputs = make_inputs(args)
+    hidden, weight = inputs[0], inputs[1]
+    grads = [hidden, weight]
+    N = int(inputs[3].sum())
+    nhv = N * args.hidden * args.vocab
+    print(f"device {args.device}, {args.dtype}, B={args.batch} L={args.length} H={args.hidden} V={args.vocab}, "
+          f"masked rows N={N}; forward 2·N·H·V = {2 * nhv / 1e9:.1f} GFLOP, backward 6·N·H·V")
+    if "triton" in registered_backends("fused_elbo_loss") and args.device.type != "cuda":
+        print("triton: skipped -- the Triton path needs a GPU (CUDA tensors)")
+    usable = [b for b in available_backends("fused_elbo_loss", args.device) if b != "triton" or args.device.type == "cuda"]
+    cases = {f"bgpo ({b})": bgpo_case(b, inputs) for b in (args.backends or usable) if b in usable}
+    if args.peers:
+        cases.update(peer_cases(args, inputs))
 
-    inputs = _inputs(args, device, dtype)
-    masked_rows = int(inputs[3].sum())
-    fwd_flops, total_flops = _flops(args, masked_rows)
-    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if on_gpu else ''}, {dtype}, "
-          f"B={args.batch} L={args.length} H={args.hidden} V={args.vocab}, masked rows N={masked_rows}")
-    print(f"work: forward 2·N·H·V = {fwd_flops / 1e9:.1f} GFLOP, forward + backward 8·N·H·V = "
-          f"{total_flops / 1e9:.1f} GFLOP")
-    header = f"{'backend':<38} {'pass':<9} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} {'TFLOP/s':>8} {'peak MB':>9}"
-    print(header)
-    print("-" * len(header))
-    grads = [inputs[0], inputs[1]]
-    for name, (fwd, fwd_bwd) in _cases(args, inputs, backends).items():
-        for label, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, total_flops)):
-            try:
-                if on_gpu:
-                    median, q20, q80, peak = _gpu_measure(fn, grads)
-                else:
-                    median, q20, q80, peak = _cpu_measure(fn, grads, args.repeat)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{name:<38} {label:<9} {'out of memory':>10}")
-                torch.cuda.empty_cache()
-                continue
-            tflops = flops / (median * 1e-3) / 1e12
-            peak_mb = "n/a" if peak is None else f"{peak / 2**20:.0f}"
-            print(f"{name:<38} {label:<9} {median:>10.2f} {q20:>8.2f} {q80:>8.2f} {tflops:>8.2f} {peak_mb:>9}")
-    if not on_gpu:
-        print("peak memory is measured on CUDA only (torch.cuda.max_memory_allocated)")
+    rows = []
+    grad_bytes = sum(t.numel() * t.element_size() for t in grads)
+    header = (f"{'method':<36} {'pass':<8} {'median ms':>10} {'p20':>9} {'p80':>9} {'rows/s':>10} {'peak MiB':>9} "
+              f"{'extra MiB':>9}")
+    print(header + "\n" + "-" * len(header))
+    for name, loss in cases.items():
+        for label, fn in (("fwd", lambda loss=loss: _no_grad(loss)), ("fwd+bwd", lambda loss=loss: loss().backward())):
+            median, p20, p80 = timed(fn, args, grads)
+            peak = peak_bytes(fn, args, grads)
+            extra = peak - (grad_bytes if label == "fwd+bwd" else 0)
+            rows.append({"method": name, "pass": label, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
+                         "rows_per_s": N / (median * 1e-3), "peak_mib": peak / 2**20, "extra_mib": extra / 2**20})
+            print(f"{name:<36} {label:<8} {median:>10.1f} {p20:>9.1f} {p80:>9.1f} {N / (median * 1e-3):>10.0f} "
+                  f"{peak / 2**20:>9.1f} {extra / 2**20:>9.1f}")
+    print_ratios(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"fused_elbo_loss_{args.device.type}.json"
+    config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"config": config | {"torch": torch.__version__, "masked_rows": N}, "rows": rows},
+                               indent=2))
+    print(f"\nwrote {path}")
+    return rows
+
+
+def _no_grad(loss):
+    with torch.no_grad():
+        return loss()
+
+
+def print_ratios(rows):
+    """Time and memory of each bgpo backend relative to each peer, forward + backward."""
+    full = {r["method"]: r for r in rows if r["pass"] == "fwd+bwd"}
+    ours = [m for m in full if m.startswith("bgpo")]
+    peers = [m for m in full if not m.startswith("bgpo")]
+    if not ours or not peers:
+        return
+    print("\nforward + backward, bgpo relative to each peer (< 1 is better)")
+    for o in ours:
+        for p in peers:
+            print(f"  {o:<14} vs {p:<36} time {full[o]['median_ms'] / full[p]['median_ms']:6.2f}x   "
+                  f"extra memory {full[o]['extra_mib'] / max(full[p]['extra_mib'], 1e-9):7.3f}x")
 
 
 if __name__ == "__main__":
