@@ -1,0 +1,58 @@
+"""The benchmarks run end to end on small settings and show what they exist to show."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_vs_nt_cpu_bgpo_is_flat_and_vrpo_grows(tmp_path):
+    rows = _load("memory_vs_nt").main(["--preset", "tiny", "--nt", "1", "4", "--prompts", "1", "--group", "2",
+                                       "--prompt-length", "8", "--response-length", "32", "--out", str(tmp_path)])
+    peak = {(r["objective"], r["n_t"]): r["peak_step_mib"] for r in rows}
+    assert peak["bgpo", 4] <= 1.05 * peak["bgpo", 1]
+    assert peak["vrpo", 4] > 2 * peak["vrpo", 1]
+    assert peak["diffu_grpo", 4] == peak["diffu_grpo", 1]
+    saved = json.loads((tmp_path / "memory_vs_nt_cpu_tiny.json").read_text())
+    assert len(saved["rows"]) == len(rows) and (tmp_path / "memory_vs_nt_cpu_tiny.png").stat().st_size > 0
+
+
+def test_memory_vs_nt_simulation_finds_where_vrpo_overflows(tmp_path, capsys):
+    bench = _load("memory_vs_nt")
+    argv = ["--simulate", "tiny", "--nt", "1", "2", "8", "--gpus", "1", "--micro-batch", "2", "--prompt-length", "8",
+            "--response-length", "32", "--out", str(tmp_path), "--no-plot"]
+    rows = bench.main(argv)
+    total = {(r["objective"], r["n_t"]): r["peak_total_mib"] for r in rows}
+    assert total["bgpo", 8] == pytest.approx(total["bgpo", 1], rel=0.02)
+    assert total["vrpo", 8] > total["vrpo", 2] > total["vrpo", 1]
+    # a GPU between the two at n_t = 8: BGPO fits, VRPO-OL does not
+    limit_gib = (total["bgpo", 8] + total["vrpo", 8]) / 2 / 1024
+    capsys.readouterr()
+    bench.main(argv + ["--gpu-memory-gib", str(limit_gib)])
+    out = capsys.readouterr().out
+    assert "vrpo: exceeds" in out and "from n_t = 8" in out and "bgpo: fits" in out
+
+
+def test_grad_variance_falls_with_n_t(tmp_path):
+    rows = _load("grad_variance").main(["--nt", "1", "16", "--reference-nt", "32", "--repeats", "3",
+                                        "--schemes", "stratified", "--responses", "2", "--response-length", "8",
+                                        "--out", str(tmp_path), "--no-plot"])
+    std = {r["n_t"]: r["std"] for r in rows}
+    assert std[16] < 0.5 * std[1]
+
+
+def test_fused_elbo_loss_benchmark_runs(tmp_path):
+    rows = _load("fused_elbo_loss").main(["--batch", "2", "--length", "16", "--hidden", "32", "--vocab", "1000",
+                                          "--repeat", "1", "--backends", "torch", "--out", str(tmp_path)])
+    methods = {r["method"] for r in rows}
+    assert "bgpo (torch)" in methods and "full logits + F.cross_entropy" in methods
+    assert json.loads((tmp_path / "fused_elbo_loss_cpu.json").read_text())["rows"]
