@@ -22,7 +22,6 @@ from bgpo.ops.random_mask import random_mask_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("random_mask", "fused_elbo_loss_fwd", "fused_elbo_loss_bwd", "philox_randint", "philox_rand")
-MASK32 = 0xFFFFFFFF
 
 
 def _flag(name):
@@ -138,25 +137,10 @@ def test_cpp_philox_known_answers():
 
 
 @pytest.mark.parametrize("seed", [0, -1, 2**63 - 1])
-def test_cpp_philox_matches_triton_interpreter(seed):
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    @triton.jit
-    def draw(seed, offsets_ptr, words_ptr, uniforms_ptr, n, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        keep = idx < n
-        offsets = tl.load(offsets_ptr + idx, mask=keep)
-        tl.store(words_ptr + idx, tl.randint(seed, offsets), mask=keep)
-        tl.store(uniforms_ptr + idx, tl.rand(seed, offsets), mask=keep)
-
+def test_cpp_philox_matches_triton_interpreter(seed, triton_draws):
     offsets = _offsets(seed, 2**20 // 3 + 1)  # a million draws over the three seeds
-    n = offsets.numel()
-    words = torch.empty(n, dtype=torch.int32)
-    uniforms = torch.empty(n, dtype=torch.float32)
-    block = 2**15
-    draw[(triton.cdiv(n, block),)](seed, offsets, words, uniforms, n, BLOCK=block)
-    assert torch.equal(ops.philox_randint(seed, offsets), words.to(torch.int64) & MASK32)
+    words, uniforms = triton_draws(seed, offsets, block=2**15)
+    assert torch.equal(ops.philox_randint(seed, offsets), words)
     assert torch.equal(ops.philox_rand(seed, offsets).view(torch.int32), uniforms.view(torch.int32))
 
 

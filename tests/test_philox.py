@@ -40,28 +40,8 @@ def test_int32_offsets_have_zero_high_counter():
     assert torch.equal(philox.randint(3, offsets), philox.philox4x32(3, as_uint, 0)[0])
 
 
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-
-
-@triton.jit
-def _draw_kernel(seed, offsets_ptr, words_ptr, uniforms_ptr, n, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = idx < n
-    offsets = tl.load(offsets_ptr + idx, mask=keep)
-    tl.store(words_ptr + idx, tl.randint(seed, offsets), mask=keep)
-    tl.store(uniforms_ptr + idx, tl.rand(seed, offsets), mask=keep)
-
-
-def _triton_draws(seed, offsets):
-    words = torch.empty(offsets.numel(), dtype=torch.int32)
-    uniforms = torch.empty(offsets.numel(), dtype=torch.float32)
-    _draw_kernel[(triton.cdiv(offsets.numel(), 1024),)](seed, offsets, words, uniforms, offsets.numel(), BLOCK=1024)
-    return words.to(torch.int64) & MASK, uniforms
-
-
 @pytest.mark.parametrize("seed", [0, 1, -1, 2**63 - 1, -(2**63), 123456789, 2**40 + 17])
-def test_matches_triton_bit_for_bit(seed):
+def test_matches_triton_bit_for_bit(seed, triton_draws):
     """Fails if the installed Triton's stream drifts from SPEC §5 (older releases differ)."""
     g = torch.Generator().manual_seed(seed & 0xFFFF)
     offsets = torch.cat([
@@ -69,6 +49,6 @@ def test_matches_triton_bit_for_bit(seed):
         torch.randint(0, 2**62, (4096,), generator=g),
         (torch.arange(64, dtype=torch.int64) << 32) + 2**31 + 5,  # sequence-level draws above 2**32
     ])
-    words, uniforms = _triton_draws(seed, offsets)
+    words, uniforms = triton_draws(seed, offsets)
     assert torch.equal(philox.randint(seed, offsets), words)
     assert torch.equal(philox.rand(seed, offsets), uniforms)

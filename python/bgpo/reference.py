@@ -2,7 +2,6 @@
 every backend against; they materialise (B, L, V) logits and are only for small shapes."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from . import objectives
