@@ -27,7 +27,7 @@ setup(
         # what the test suite needs beyond torch: Hugging Face models for the adapter tests,
         # safetensors for checkpoint loading, matplotlib/tqdm for the benchmarks it runs
         "test": ["pytest>=8", "transformers>=4.56.2", "safetensors>=0.4", "matplotlib", "tqdm",
-                 "trl>=1.16,<1.17", "datasets"],
+                 "trl>=1.16,<1.17", "datasets", "pyyaml", "math-verify", "peft"],
         # Philox streams differ in older Triton releases: the masks are only bit-exact in this range.
         "triton": ["triton>=3.8,<3.10"],
         "bench": ["matplotlib", "tqdm"],
@@ -36,8 +36,10 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # bgpo.integrations.trl overrides private GRPOTrainer methods: pinned to the tested minor release
         "trl": ["trl>=1.16,<1.17"],
-        "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm"],
+        "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm", "datasets", "math-verify", "peft"],
     },
+    package_data={"bgpo": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["bgpo=bgpo.cli:main"]},
     ext_modules=build_ext_config.extensions(),
     cmdclass=build_ext_config.cmdclass(),
 )

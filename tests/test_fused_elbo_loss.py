@@ -118,6 +118,18 @@ def test_elbo_objective_and_frozen_head(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runs_under_autocast(backend, dtype):
+    """A training loop that keeps autocast on through backward gets the same result as without it."""
+    leaves, rest = _problem(dtype, False, True)
+    plain = _run(bgpo.fused_elbo_loss, leaves, rest, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _run(bgpo.fused_elbo_loss, leaves, rest, backend=backend)
+    for name, a, b in zip(NAMES, autocast, plain):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_masked(backend):
     leaves, (targets, masked, elbo_weight, advantages, old) = _problem(torch.float32, True, False)
     masked = torch.zeros_like(masked)

@@ -228,6 +228,10 @@ register_backend(
 # ----------------------------------------------------------------------------------------------
 
 
+def _no_autocast(tensor: torch.Tensor):
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 @torch.library.custom_op("bgpo::fused_elbo_loss_fwd", mutates_args=())
 def _fwd_op(
     hidden: torch.Tensor,
@@ -241,7 +245,8 @@ def _fwd_op(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
-    return impl.forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
+    with _no_autocast(hidden):  # the op chooses its own precision (fp32 accumulation), whatever the caller's
+        return impl.forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
 
 
 @_fwd_op.register_fake
@@ -268,8 +273,9 @@ def _bwd_op(
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
-    return impl.backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap,
-                         chunk_size, need_hidden, need_weight, need_bias)
+    with _no_autocast(hidden):
+        return impl.backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap,
+                             chunk_size, need_hidden, need_weight, need_bias)
 
 
 @_bwd_op.register_fake

@@ -1,0 +1,39 @@
+"""The reward contract: ``fn(completion: str, example: Mapping) -> float | RewardOutput``.
+
+``completion`` is the decoded response (special tokens dropped), ``example`` the dataset row it
+answers.  A reward returns a float, or a ``RewardOutput`` with the reason for its score (the code
+sandbox says why a program failed); ``as_output`` turns either into a ``RewardOutput``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+__all__ = ["RewardOutput", "as_output", "answer_span"]
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+
+
+class RewardOutput(NamedTuple):
+    score: float
+    reason: str = ""
+
+
+def as_output(value) -> RewardOutput:
+    """A ``RewardOutput`` from a reward's return value; a non-finite or non-numeric score is an error."""
+    if isinstance(value, RewardOutput):
+        output = value
+    elif isinstance(value, tuple) and len(value) == 2:
+        output = RewardOutput(float(value[0]), str(value[1]))
+    else:
+        output = RewardOutput(float(value))
+    if not math.isfinite(output.score):
+        raise ValueError(f"reward: the reward function returned a non-finite score {output.score!r}")
+    return output
+
+
+def answer_span(completion: str) -> str:
+    """The text inside the last ``<answer>...</answer>`` (an unclosed tag runs to the end), else all of it."""
+    spans = _ANSWER_TAG.findall(completion)
+    return (spans[-1] if spans else completion).strip()

@@ -1,0 +1,422 @@
+"""The RL trainer: rollouts, rewards, group advantages, per-sample accumulated updates.
+
+One step (``Trainer.train_step``):
+
+1. the step's ``batch_size`` prompts (each rank takes its contiguous share) are padded to one length
+   (the longest over all ranks) and rolled out G times each with the block sampler, in chunks of
+   ``rollout.batch_size`` prompts whose sampling seed depends only on (seed, step, first prompt), so a
+   rollout does not depend on how prompts are spread over ranks;
+2. the responses (up to and including their first EOS) are decoded and scored; group advantages;
+3. for μ = ``policy.updates_per_batch`` > 1 the old policy's ELBO terms (or diffu-GRPO's token
+   log-probs) are computed once without grad and kept as scalars;
+4. μ times: ``accumulate_policy_gradient`` (per micro-batch and MC sample j: masks from
+   ``random_mask`` seeded by (step, sequence id, j) — the same masks at every update — forward,
+   ``fused_elbo_loss``, backward, free), one gradient reduction across ranks, a non-finite check,
+   gradient clipping, AdamW and the LR schedule.
+
+Around it: an optional supervised warm-up, held-out evaluation, metrics, checkpoints and exact
+resume, and a SIGINT/SIGTERM handler that finishes the step, checkpoints and stops.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import PromptOrder, TASK_PROMPTS, encode_prompts, encode_responses, format_prompt, load_examples, \
+    load_tokenizer
+from ..estimators import group_advantages
+from ..models import find_blocks
+from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
+from ..rewards import get_reward
+from ..rollout import generate
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_to_dict
+from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
+    init_distributed, shard_model
+from .metrics import MetricsWriter, peak_memory_mib
+from .modeling import DTYPES, apply_lora, build_model, resolve_device
+from .seeds import derive_seed
+from .sft import supervised_warmup
+
+__all__ = ["Trainer", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Train a masked diffusion LM with ``config.policy.objective``; ``train()`` runs the whole job."""
+
+    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None):
+        self.context = context or init_distributed(config.distributed)
+        self.config = config.validate(self.context.world_size)
+        self.device = resolve_device(config.model.device, self.context.local_rank)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
+        self.model = build_model(config.model, seed=config.seed, device=self.device,
+                                 mask_token_id=getattr(self.tokenizer, "mask_token_id", None),
+                                 eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+        self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
+        self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
+        if config.lora.enabled:
+            self.model = apply_lora(self.model, config.lora)
+        if self.context.strategy == "ddp":
+            broadcast_parameters(self.model)
+        self.model = shard_model(self.model, find_blocks(self.model), self.context)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        total_updates = max(1, config.steps * config.policy.updates_per_batch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o.schedule, o.warmup_steps,
+                                                                                      total_updates))
+        self.reward_fn = get_reward(config.reward or config.data.task)
+        self.template = config.data.prompt_template or TASK_PROMPTS[config.data.task]
+        self.train_examples, self.eval_examples = self._load_data()
+        self.order = PromptOrder(len(self.train_examples), config.seed)
+        self.step, self.nonfinite_in_row, self.nonfinite_total, self.warmed_up = 0, 0, 0, config.sft.steps == 0
+        self.output_dir = Path(config.output_dir)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.context.is_main, tensorboard=config.log.tensorboard)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ data
+    def _load_data(self) -> tuple[list[dict], list[dict]]:
+        d = self.config.data
+        common = dict(subset=d.subset, field_map=d.field_map, generator_options=d.generator)
+        train = load_examples(d.source, split=d.split, count=d.train_size, seed=self.config.seed, **common)
+        if d.eval_size == 0:
+            return train, []
+        if d.eval_source is None and d.source.startswith("generate:"):
+            seen = {format_prompt(self.template, e) for e in train}
+            pool = load_examples(d.source, count=d.eval_size * 4 + 16, seed=self.config.seed + 1, **common)
+            held_out = [e for e in pool if format_prompt(self.template, e) not in seen][: d.eval_size]
+        else:
+            held_out = load_examples(d.eval_source or d.source, split=d.eval_split, count=d.eval_size,
+                                     seed=self.config.seed + 1, **common)
+        return train, held_out
+
+    def _encode_prompts(self, examples: list[dict], length: int | None = None):
+        texts = [format_prompt(self.template, e) for e in examples]
+        return encode_prompts(self.tokenizer, texts, pad_id=self.pad_id, length=length,
+                              use_chat_template=self.config.data.chat_template)
+
+    def _global_prompt_length(self, prompt_ids: torch.Tensor) -> int:
+        fixed = self.config.data.max_prompt_length
+        if fixed is not None:
+            if prompt_ids.shape[1] > fixed:
+                raise ValueError(f"data.max_prompt_length: a prompt has {prompt_ids.shape[1]} tokens (> {fixed})")
+            return fixed
+        return int(all_reduce(torch.tensor([prompt_ids.shape[1]]), self.context, op="max").item())
+
+    # --------------------------------------------------------------------------------------- rollouts
+    def _autocast(self):
+        dtype = self.config.model.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[dtype])
+
+    @torch.no_grad()
+    def rollout(self, examples: list[dict], *, group_size: int, temperature: float, seed_parts: tuple,
+                first_index: int, chunk: int | None) -> dict:
+        """Sample ``group_size`` responses per example; return sequences, masks and decoded completions."""
+        r = self.config.rollout
+        prompts, attention = self._encode_prompts(examples)
+        length = self._global_prompt_length(prompts)
+        prompts, attention = self._encode_prompts(examples, length)
+        chunk = chunk or len(examples)
+        self.model.eval()
+        pieces = []
+        with self._autocast():
+            for start in range(0, len(examples), chunk):
+                rows = slice(start, start + chunk)
+                mask = attention[rows]
+                out = generate(
+                    self.model, prompts[rows].to(self.device),
+                    attention_mask=None if bool(mask.all()) else mask.to(self.device),
+                    gen_length=r.gen_length, block_length=r.block_length, steps=r.steps, temperature=temperature,
+                    remasking=r.remasking, cfg_scale=r.cfg_scale, mask_id=self.mask_id, eos_id=self.eos_id,
+                    seed=derive_seed(*seed_parts, first_index + start), group_size=group_size,
+                )
+                pieces.append(out.sequences)
+        self.model.train()
+        sequences = torch.cat(pieces)
+        responses = sequences[:, length:]
+        if self.eos_id is None:
+            response_mask = torch.ones_like(responses, dtype=torch.bool)
+        else:
+            is_eos = (responses == self.eos_id).long()
+            response_mask = (is_eos.cumsum(dim=1) - is_eos) == 0  # up to and including the first EOS
+        completions = [self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
+                       for row, keep in zip(responses.cpu(), response_mask.cpu())]
+        full_attention = torch.cat([attention.repeat_interleave(group_size, dim=0),
+                                    torch.ones_like(responses.cpu())], dim=1).to(self.device)
+        return dict(sequences=sequences, prompt_length=length, response_mask=response_mask,
+                    attention_mask=None if bool(full_attention.all()) else full_attention, completions=completions)
+
+    def score(self, completions: list[str], examples: list[dict]) -> tuple[torch.Tensor, list[str]]:
+        """Rewards (N,) and reasons; completion k answers ``examples[k // (N / len(examples))]``."""
+        group = len(completions) // len(examples)
+        pairs = [(c, examples[k // group]) for k, c in enumerate(completions)]
+        if self.config.data.task == "code":  # subprocesses: score them in parallel
+            with ThreadPoolExecutor(max_workers=min(8, len(pairs))) as pool:
+                outputs = list(pool.map(lambda pair: self.reward_fn(*pair), pairs))
+        else:
+            outputs = [self.reward_fn(c, e) for c, e in pairs]
+        return torch.tensor([o.score for o in outputs], dtype=torch.float32), [o.reason for o in outputs]
+
+    # ------------------------------------------------------------------------------------------ a step
+    def _local_examples(self, step: int) -> tuple[list[dict], int]:
+        """This rank's prompts of ``step`` and the global index of its first one."""
+        local = self.config.batch_size // self.context.world_size
+        indices = self.order.indices(step * self.config.batch_size, self.config.batch_size)
+        first = self.context.rank * local
+        return [self.train_examples[i] for i in indices[first : first + local]], first
+
+    def train_step(self) -> dict:
+        """One rollout batch and its μ optimizer updates; returns the step's metrics."""
+        c, p = self.config, self.config.policy
+        G = c.rollout.group_size
+        started = time.perf_counter()
+        examples, first = self._local_examples(self.step)
+        rolled = self.rollout(examples, group_size=G, temperature=c.rollout.temperature,
+                              seed_parts=(c.seed, self.step, 0), first_index=first, chunk=c.rollout.batch_size)
+        rewards, _ = self.score(rolled["completions"], examples)
+        advantages = group_advantages(rewards, G, std=p.advantage_std)
+        N = len(rewards)
+        batch = PolicyBatch(
+            input_ids=rolled["sequences"], prompt_length=rolled["prompt_length"],
+            response_mask=rolled["response_mask"].to(self.device), advantages=advantages.to(self.device),
+            sequence_ids=torch.arange(first * G, first * G + N, device=self.device),
+            attention_mask=rolled["attention_mask"], group_size=G,
+        )
+        mask_seed = derive_seed(c.seed, self.step, 1)
+        autocast = DTYPES[c.model.autocast] if c.model.autocast else None
+        common = dict(num_samples=p.num_samples, seed=mask_seed, micro_batch_size=p.micro_batch_size,
+                      scheme=p.scheme, backend=p.backend, autocast=autocast)
+        old_elbos, old_logp = None, [None] * p.updates_per_batch
+        if p.updates_per_batch > 1 and p.objective in ("bgpo", "vrpo"):
+            old_elbos = old_policy_elbos(self.model, batch, **common)
+        if p.updates_per_batch > 1 and p.objective == "diffu_grpo":
+            old_logp = [old_policy_token_logprobs(
+                self.model, batch, seed=mask_seed, iteration=u, micro_batch_size=p.micro_batch_size,
+                prompt_mask_prob=p.diffu_grpo.get("prompt_mask_prob", 0.15), autocast=autocast,
+            ) for u in range(p.updates_per_batch)]
+        losses, elbos, grad_norms, skipped = [], [], [], 0
+        for update in range(p.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            out = accumulate_policy_gradient(
+                self.model, batch, objective=p.objective, old_elbos=old_elbos,
+                clip=tuple(p.clip) if p.clip else None, max_log_ratio=p.max_log_ratio,
+                diffu_grpo_options={**p.diffu_grpo, "iteration": update, "old_logp": old_logp[update]},
+                spg_options=p.spg, gradient_sync=self._gradient_sync(), **common,
+            )
+            all_reduce_gradients(self.model, self.context)
+            loss = float(all_reduce(torch.tensor([out["loss"]], dtype=torch.float64), self.context).item())
+            grad_norm = self._clip_gradients()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                skipped += 1
+                self._count_nonfinite(loss, grad_norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            self.nonfinite_in_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(loss / self.context.world_size)
+            grad_norms.append(grad_norm)
+            if out["elbo"] is not None:
+                lengths = batch.response_mask.sum(dim=1).clamp_min(1).float()
+                elbos.append((out["elbo"].float().mean(dim=0) / lengths).mean().item())
+        self.step += 1
+        totals = all_reduce(torch.tensor([rewards.sum().item(), float(N)], dtype=torch.float64), self.context)
+        lengths = all_reduce(batch.response_mask.sum().double().reshape(1).cpu(), self.context)
+        return {
+            "kind": "train", "step": self.step, "reward": float(totals[0] / totals[1]),
+            "loss": _mean(losses), "elbo_per_token": _mean(elbos), "grad_norm": _mean(grad_norms),
+            "response_length": float(lengths[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0],
+            "skipped_updates": skipped, "nonfinite_total": self.nonfinite_total,
+            "step_time_s": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(self.device),
+        }
+
+    def _gradient_sync(self):
+        """FSDP2: reduce-scatter only in the last backward of an update."""
+        if self.context.strategy == "fsdp":
+            return self.model.set_requires_gradient_sync
+        return None
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm if max_norm is not None else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.metrics.write({"kind": "nonfinite", "step": self.step, "loss": loss, "grad_norm": grad_norm,
+                            "in_a_row": self.nonfinite_in_row})
+        limit = self.config.optim.max_nonfinite
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteError(
+                f"optim.max_nonfinite: {self.nonfinite_in_row} updates in a row had a non-finite loss or gradient "
+                f"(last: loss={loss}, grad_norm={grad_norm}) at step {self.step}; lower optim.lr, enable "
+                "optim.grad_clip or check the rewards"
+            )
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        """Greedy responses to the held-out prompts: mean reward and accuracy (reward >= 1)."""
+        examples = self.eval_examples
+        if not examples:
+            return {}
+        world = self.context.world_size
+        per_rank = -(-len(examples) // world)  # every rank runs the same number of forward passes
+        indices = [i % len(examples) for i in range(self.context.rank * per_rank, (self.context.rank + 1) * per_rank)]
+        valid = torch.tensor([self.context.rank * per_rank + k < len(examples) for k in range(per_rank)],
+                             dtype=torch.float64)
+        chosen = [examples[i] for i in indices]
+        rolled = self.rollout(chosen, group_size=1, temperature=0.0, seed_parts=(self.config.seed, -1),
+                              first_index=self.context.rank * per_rank,
+                              chunk=min(self.config.log.eval_batch_size, per_rank))
+        rewards, _ = self.score(rolled["completions"], chosen)
+        rewards = rewards.double()
+        totals = all_reduce(torch.stack([(rewards * valid).sum(), ((rewards >= 1.0).double() * valid).sum(),
+                                         valid.sum()]), self.context)
+        return {"kind": "eval", "step": self.step, "reward": float(totals[0] / totals[2]),
+                "accuracy": float(totals[1] / totals[2]), "prompts": int(totals[2]),
+                "example": rolled["completions"][0] if self.context.is_main else ""}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path | None:
+        state = {"step": self.step, "position": self.step * self.config.batch_size,
+                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                 "warmed_up": self.warmed_up, "scheduler": self.scheduler.state_dict()}
+        return save_checkpoint(self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+                               trainer_state=state, config=config_to_dict(self.config), context=self.context,
+                               keep=self.config.checkpoint.keep)
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of ``output_dir``; False when there is none."""
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.warmed_up = state["step"], state["warmed_up"]
+        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
+        return True
+
+    # ------------------------------------------------------------------------------------------ a run
+    def warm_up(self) -> None:
+        """The supervised warm-up (``sft``); a single process also saves ``output_dir/warmup.safetensors``."""
+        c = self.config
+
+        def encode(examples):
+            prompts, attention = self._encode_prompts(examples)
+            answers = [str(e["answer"]) for e in examples]
+            targets = encode_responses(self.tokenizer, answers, length=c.rollout.gen_length, eos_id=self.pad_id)
+            return prompts, None if bool(attention.all()) else attention, targets
+
+        losses = supervised_warmup(self.model, self.parameters, c.sft, encode=encode, examples=self.train_examples,
+                                   seed=derive_seed(c.seed, -2), context=self.context, device=self.device,
+                                   progress=c.log.progress)
+        self.warmed_up = True
+        self.metrics.write({"kind": "warmup", "step": 0, "loss": losses[-1], "steps": len(losses)})
+        if self.context.is_main and not self.context.enabled:
+            from safetensors.torch import save_file
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                      self.output_dir / "warmup.safetensors")
+
+    def request_stop(self, *_) -> None:
+        """Finish the current step, checkpoint and stop (the SIGINT/SIGTERM handler)."""
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([float(self._stop_requested)])
+        return bool(all_reduce(flag, self.context, op="max").item())
+
+    def _log(self, record: dict, bar=None) -> None:
+        if not record:
+            return
+        self.metrics.write(record)
+        if bar is not None and record["kind"] == "train":
+            bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.4f}",
+                            elbo=f"{record['elbo_per_token']:.3f}", s=f"{record['step_time_s']:.1f}",
+                            mem=f"{record['peak_memory_mib']:.0f}M")
+        elif record["kind"] == "eval" and self.context.is_main:
+            tqdm.write(f"eval step {record['step']}: reward {record['reward']:.3f} accuracy {record['accuracy']:.3f}")
+
+    def train(self) -> dict:
+        """Warm up, then RL until ``steps`` (or a stop signal); returns the last evaluation (or train) metrics."""
+        c = self.config
+        if c.checkpoint.resume and self.resume() and self.context.is_main:
+            tqdm.write(f"resumed from step {self.step}")
+        if not self.warmed_up:
+            self.warm_up()  # short; a signal here ends the run without a checkpoint
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        last: dict = {}
+        try:
+            if self.step == 0:
+                self._log(last := self.evaluate())
+            bar = tqdm(total=c.steps, initial=self.step, desc=f"{c.policy.objective}", dynamic_ncols=True,
+                       disable=not (c.log.progress and self.context.is_main))
+            while self.step < c.steps:
+                record = self.train_step()
+                self._log(record, bar)
+                bar.update(1)
+                last = record
+                if c.log.eval_every and self.step % c.log.eval_every == 0 and self.step < c.steps:
+                    self._log(last := self.evaluate())
+                stop = self._stop_agreed()
+                if stop or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
+                    self.save_checkpoint()
+                if stop:
+                    if self.context.is_main:
+                        tqdm.write(f"stopped by signal after step {self.step}; checkpoint saved")
+                    return {**last, "stopped": True}
+            bar.close()
+            if c.steps > 0:
+                self._log(last := self.evaluate())
+            if c.checkpoint.save_final:
+                self.save_checkpoint()
+            return last
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.metrics.close()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    """LR multiplier for optimizer update u: linear warm-up, then constant, linear or cosine decay to 0."""
+
+    def multiplier(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        progress = min(1.0, (update - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return multiplier

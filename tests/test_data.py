@@ -1,0 +1,104 @@
+"""Data: generators (unique 4x4 Sudoku, reachable Countdown), loading, prompt order, tokenizers."""
+import json
+
+import pytest
+import torch
+
+from bgpo.data import (CharTokenizer, PromptOrder, countdown_examples, encode_prompts, encode_responses,
+                       format_prompt, load_examples, render_prompt, sudoku_examples, sudoku_solutions)
+from bgpo.rewards import countdown_reward, sudoku_reward
+
+
+def test_sudoku_puzzles_have_one_solution_matching_the_grid():
+    examples = sudoku_examples(40, seed=3, min_empty=4, max_empty=10)
+    for e in examples:
+        puzzle = [int(c) for c in e["puzzle"]]
+        assert sudoku_solutions(puzzle, limit=2) == [[int(c) for c in e["solution"]]]
+        assert 4 <= puzzle.count(0) <= 10
+        assert sudoku_reward(e["answer"], e).score == 1.0
+    assert examples == sudoku_examples(40, seed=3, min_empty=4, max_empty=10)
+    assert examples != sudoku_examples(40, seed=4, min_empty=4, max_empty=10)
+
+
+def test_countdown_answers_reach_the_target_with_the_numbers():
+    examples = countdown_examples(50, seed=1, num_numbers=3, max_number=9)
+    for e in examples:
+        assert len(e["numbers"]) == 3 and 0 < e["target"] <= 99
+        assert countdown_reward(e["answer"], e).score == 1.0
+    assert examples == countdown_examples(50, seed=1, num_numbers=3, max_number=9)
+
+
+def test_generator_options_are_checked():
+    with pytest.raises(ValueError, match="min_empty"):
+        sudoku_examples(1, seed=0, min_empty=0)
+    with pytest.raises(ValueError, match="data.source"):
+        load_examples("generate:chess", count=1)
+
+
+def test_local_jsonl_and_field_map(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"problem": f"{i}+{i}", "solution": f"\\boxed{{{2 * i}}}"})
+                              for i in range(5)))
+    rows = load_examples(str(path), field_map={"problem": "question", "solution": "answer"}, count=3)
+    assert rows == [{"question": f"{i}+{i}", "answer": f"\\boxed{{{2 * i}}}"} for i in range(3)]
+    with pytest.raises(ValueError, match="data.source"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+
+
+def test_local_parquet(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame({"question": ["a", "b"], "answer": ["1", "2"]}).to_parquet(path)
+    assert load_examples(str(path))[1] == {"question": "b", "answer": "2"}
+
+
+def test_format_prompt_names_a_missing_field():
+    assert format_prompt("{numbers} -> {target}", {"numbers": [1, 2], "target": 3}) == "1, 2 -> 3"
+    with pytest.raises(ValueError, match="data.prompt_template.*'puzzle'"):
+        format_prompt("{puzzle}", {"question": "x"})
+
+
+def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
+    order = PromptOrder(10, seed=5)
+    first_epoch = order.indices(0, 10)
+    assert sorted(first_epoch) == list(range(10))
+    assert order.indices(10, 10) != first_epoch and sorted(order.indices(10, 10)) == list(range(10))
+    assert PromptOrder(10, seed=5).indices(7, 6) == order.indices(0, 13)[7:]
+
+
+def test_char_tokenizer_round_trip_and_padding():
+    tok = CharTokenizer()
+    assert tok.decode(tok.encode("12=3")) == "12=3"
+    assert tok.decode([49, 126, 127, 50], skip_special_tokens=False) == "1|_2"
+    with pytest.raises(ValueError, match="alphabet"):
+        tok.encode("é")
+    ids, mask = encode_prompts(tok, ["ab", "abcd"], pad_id=126)
+    assert ids.tolist() == [[126, 126, 97, 98], [97, 98, 99, 100]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert encode_prompts(tok, ["ab"], pad_id=126, length=3)[0].tolist() == [[126, 97, 98]]
+    with pytest.raises(ValueError, match="length"):
+        encode_prompts(tok, ["abcd"], pad_id=126, length=2)
+    assert encode_responses(tok, ["12", "12345"], length=4, eos_id=126).tolist() == [
+        [49, 50, 126, 126], [49, 50, 51, 52]]
+
+
+class _ChatTokenizer:
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return f"<user>{messages[0]['content']}<assistant>"
+
+    def __call__(self, text, add_special_tokens):
+        assert not add_special_tokens
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_chat_template_is_used_when_present():
+    tok = _ChatTokenizer()
+    assert render_prompt(tok, "hi") == "<user>hi<assistant>"
+    assert render_prompt(tok, "hi", use_chat_template=False) == "hi"
+    ids, _ = encode_prompts(tok, ["hi"], pad_id=0)
+    assert "".join(map(chr, ids[0].tolist())) == "<user>hi<assistant>"
+    assert isinstance(ids, torch.Tensor)

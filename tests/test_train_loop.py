@@ -1,0 +1,166 @@
+"""The trainer on a tiny model: every objective, off-policy, memory switches, LoRA, checkpoints, resume,
+signals, non-finite updates, metrics."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from bgpo.train import NonFiniteError, Trainer, load_config
+from bgpo.train import trainer as trainer_module
+from bgpo.train.checkpoint import latest_checkpoint
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, [
+        "model.tokenizer=char", "data.prompt_template={puzzle}=", "data.train_size=64", "data.eval_size=4",
+        "data.generator={min_empty: 8, max_empty: 10}", "rollout.group_size=4", "rollout.gen_length=16",
+        "rollout.block_length=16", "rollout.steps=4", "policy.num_samples=2", "batch_size=2", "steps=3",
+        "optim.lr=1e-3", "log.progress=false", "log.tensorboard=false", "sft.steps=0", f"output_dir={tmp_path}",
+        *overrides,
+    ])
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("objective", ["bgpo", "vrpo", "diffu_grpo", "spg", "wd1"])
+def test_one_step_of_every_objective_updates_the_model(tmp_path, objective):
+    trainer = Trainer(tiny_config(tmp_path, f"policy.objective={objective}"))
+    before = parameters(trainer.model)
+    record = trainer.train_step()
+    assert record["step"] == 1 and 0.0 <= record["reward"] <= 1.0
+    assert math.isfinite(record["loss"]) and record["skipped_updates"] == 0
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no parameter moved"
+
+
+@pytest.mark.parametrize("objective", ["bgpo", "vrpo", "diffu_grpo"])
+def test_off_policy_updates_use_the_old_policy_scalars(tmp_path, objective, monkeypatch):
+    calls = []
+    for name in ("old_policy_elbos", "old_policy_token_logprobs"):
+        original = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    trainer = Trainer(tiny_config(tmp_path, f"policy.objective={objective}", "policy.updates_per_batch=3"))
+    record = trainer.train_step()
+    assert trainer.scheduler.last_epoch == 3 and record["skipped_updates"] == 0
+    assert calls == (["old_policy_token_logprobs"] * 3 if objective == "diffu_grpo" else ["old_policy_elbos"])
+
+
+def test_memory_switches_run(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "model.activation_checkpointing=true", "model.autocast=bfloat16",
+                                  "policy.micro_batch_size=4"))
+    assert math.isfinite(trainer.train_step()["loss"])
+    trainer = Trainer(tiny_config(tmp_path, "model.dtype=bfloat16"))
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(trainer.train_step()["loss"])
+
+
+def test_micro_batches_sum_to_the_full_batch(tmp_path):
+    full = Trainer(tiny_config(tmp_path / "a"))
+    micro = Trainer(tiny_config(tmp_path / "b", "policy.micro_batch_size=2"))
+    full.train_step(), micro.train_step()
+    for (name, a), (_, b) in zip(full.model.named_parameters(), micro.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    pytest.importorskip("peft")
+    trainer = Trainer(tiny_config(tmp_path, "lora.enabled=true", "lora.r=4", "batch_size=4"))
+    before = parameters(trainer.model)
+    trainer.train_step()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    path = trainer.save_checkpoint()
+    from safetensors.torch import load_file
+
+    assert all("lora_" in k for k in load_file(path / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "straight", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"))
+    straight.train()
+    first = Trainer(tiny_config(tmp_path / "resumed", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"))
+    first.train_step(), first.train_step()
+    first.save_checkpoint()
+    del first
+    resumed = Trainer(tiny_config(tmp_path / "resumed", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1",
+                                  "checkpoint.resume=true"))
+    resumed.train()
+    assert resumed.step == 4
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "checkpoint.keep=1"))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".step-00000001.tmp").mkdir()  # a torn write from a crash
+    trainer.train_step()
+    trainer.save_checkpoint()
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path / "checkpoints") == path
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml"}
+
+
+def test_signal_finishes_the_step_checkpoints_and_stops(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, "steps=5"))
+    step = trainer.train_step
+
+    def step_then_signal():
+        record = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    result = trainer.train()
+    assert result["stopped"] and trainer.step == 2
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+    assert signal.getsignal(signal.SIGTERM) is not trainer.request_stop
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, "optim.max_nonfinite=2"))
+    original = trainer_module.accumulate_policy_gradient
+
+    def poisoned(model, batch, **kwargs):
+        out = original(model, batch, **kwargs)
+        next(model.parameters()).grad.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer_module, "accumulate_policy_gradient", poisoned)
+    before = parameters(trainer.model)
+    record = trainer.train_step()
+    assert record["skipped_updates"] == 1 and trainer.nonfinite_total == 1
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    with pytest.raises(NonFiniteError, match="optim.max_nonfinite: 2 updates in a row"):
+        trainer.train_step()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["nonfinite", "nonfinite"]
+
+
+def test_train_writes_metrics_and_evaluates(tmp_path):
+    result = Trainer(tiny_config(tmp_path, "steps=2", "log.eval_every=1")).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["eval", "train", "eval", "train", "eval"]
+    train = records[1]
+    for key in ("reward", "loss", "elbo_per_token", "step_time_s", "peak_memory_mib", "lr", "grad_norm"):
+        assert key in train
+    assert result["kind"] == "eval" and 0 <= result["accuracy"] <= result["reward"] + 1e-9 <= 1 + 1e-9
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+
+
+def test_warm_up_saves_a_checkpoint_to_start_rl_from(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "sft.steps=3", "sft.batch_size=8", "steps=0", "data.eval_size=0"))
+    trainer.train()
+    assert (tmp_path / "warmup.safetensors").is_file()
+    again = Trainer(tiny_config(tmp_path / "b", f"model.init={tmp_path / 'warmup.safetensors'}"))
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), name
