@@ -13,12 +13,18 @@ one-step estimator has no n_t (its row is the same at every n_t).
     python benchmarks/memory_vs_nt.py --simulate llada-8b   # LLaDA-8B on fake tensors, per GPU
 
 ``--simulate`` runs the same step on fake tensors (no memory, no compute) under
-``bgpo.memory.track_fake_memory`` and reports the memory of one GPU of a full fine-tuning run with
-AdamW sharded over ``--gpus`` GPUs (FSDP-style: bf16 compute weights, fp32 master weights, gradients
-and AdamW moments, ``--state-bytes`` = 16 bytes per parameter, divided by the number of GPUs; each
-parameter's full gradient is freed once accumulated, as a reduce-scatter frees it).  Activations
-are the simulated peak of the step for ``--micro-batch`` responses per GPU.  The simulator agrees
-with the CPU allocator within 10% (tests/test_memory.py).
+``bgpo.memory.track_fake_memory`` and reports the memory of one GPU:
+
+* ``--finetune full`` (default): AdamW sharded over ``--gpus`` GPUs (FSDP-style: bf16 compute weights,
+  fp32 master weights, gradients and AdamW moments, ``--state-bytes`` = 16 bytes per parameter,
+  divided by the number of GPUs; each parameter's full gradient is freed once accumulated, as a
+  reduce-scatter frees it);
+* ``--finetune lora``: one GPU holding the frozen bf16 weights (2 bytes per parameter) and LoRA
+  adapters of rank ``--lora-rank`` on every projection (peft), with ``--state-bytes`` per adapter
+  parameter.
+
+Activations are the simulated peak of the step for ``--micro-batch`` responses per GPU.  The
+simulator agrees with the CPU allocator within 10% (tests/test_memory.py).
 
 Writes a table to stdout, JSON and a PNG plot (``--out``, default benchmarks/results/).
 """
@@ -46,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--simulate", default=None, metavar="PRESET",
                    help="simulate a preset (e.g. llada-8b) on fake tensors instead of measuring")
+    p.add_argument("--finetune", default="full", choices=["full", "lora"],
+                   help="--simulate: full fine-tuning sharded over --gpus, or LoRA on one GPU")
+    p.add_argument("--lora-rank", type=int, default=16, help="--simulate --finetune lora: adapter rank")
     p.add_argument("--gpus", type=int, default=8, help="--simulate: GPUs the weights and AdamW state are sharded over")
     p.add_argument("--micro-batch", type=int, default=2, help="--simulate: responses per GPU per backward")
     p.add_argument("--state-bytes", type=float, default=16.0,
@@ -135,21 +144,32 @@ def simulate(args, objective, n_t):
     from bgpo.memory import track_fake_memory
 
     default_dtype = torch.get_default_dtype()
-    with FakeTensorMode():
-        torch.set_default_dtype(torch.bfloat16)  # built in bf16: fake parameters cannot be converted in place
-        try:
+    torch.set_default_dtype(torch.bfloat16)  # LLaDA computes in bf16
+    try:
+        with torch.device("meta"):  # built on meta (peft moves adapters with .to(), which fake tensors refuse)
             model = LLaDAModelLM(LLaDAConfig.preset(args.simulate))
-        finally:
-            torch.set_default_dtype(default_dtype)
-        params = sum(p.numel() for p in model.parameters())
-        for p in model.parameters():  # the full gradient leaves once accumulated (reduce-scatter)
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+            if args.finetune == "lora":
+                from bgpo.train.config import LoraConfig
+                from bgpo.train.modeling import apply_lora
+
+                apply_lora(model, LoraConfig(r=args.lora_rank))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # to_empty reads the meta parameters' shapes
+        model.to_empty(device="cpu")  # fake CPU tensors: shapes and dtypes, no memory
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        for p in model.parameters():  # the full gradient leaves once accumulated (reduce-scatter / step)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         micro = argparse.Namespace(**{**vars(args), "prompts": 1, "group": args.micro_batch})
         batch = make_batch(micro, model, torch.device("cpu"))
         with track_fake_memory() as mem:
             accumulate_policy_gradient(model, batch, objective=objective, num_samples=n_t, seed=args.seed,
                                        backend=args.backend)
-    return params * args.state_bytes / args.gpus, mem.peak_bytes
+    if args.finetune == "lora":
+        return frozen + trainable * args.state_bytes, mem.peak_bytes
+    return trainable * args.state_bytes / args.gpus, mem.peak_bytes
 
 
 def run_simulation(args):
@@ -161,7 +181,9 @@ def run_simulation(args):
         rows.append({"objective": objective, "n_t": n_t, "peak_step_mib": peak / 2**20, "static_mib": static / 2**20,
                      "peak_total_mib": (static + peak) / 2**20, "step_seconds": float("nan")})
     rows += [{**r, "n_t": n} for r in rows if r["objective"] == "diffu_grpo" for n in nts[1:]]
-    print(f"\nsimulated {args.simulate}, one of {args.gpus} GPUs: sharded state "
+    where = f"LoRA rank {args.lora_rank} on one GPU: frozen weights and adapter state" if args.finetune == "lora" \
+        else f"one of {args.gpus} GPUs: sharded state"
+    print(f"\nsimulated {args.simulate}, {where} "
           f"{rows[0]['static_mib'] / 1024:.1f} GiB + activations of {args.micro_batch} responses "
           f"(prompt {args.prompt_length}, response {args.response_length}, bf16); total GiB")
     print(f"{'n_t':>5} " + " ".join(f"{o:>12}" for o in args.objectives))
@@ -238,7 +260,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.simulate:
         rows = run_simulation(args)
-        stem = f"memory_vs_nt_simulated_{args.simulate}"
+        stem = f"memory_vs_nt_simulated_{args.simulate}" + ("_lora" if args.finetune == "lora" else "")
     else:
         rows = run_measurement(args)
         name = args.checkpoint and Path(args.checkpoint).name or args.preset

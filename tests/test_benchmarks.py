@@ -42,6 +42,17 @@ def test_memory_vs_nt_simulation_finds_where_vrpo_overflows(tmp_path, capsys):
     assert "vrpo: exceeds" in out and "from n_t = 8" in out and "bgpo: fits" in out
 
 
+def test_memory_vs_nt_simulation_of_lora(tmp_path):
+    """LoRA on one GPU: the frozen weights stay resident, only the adapters carry optimizer state."""
+    bench = _load("memory_vs_nt")
+    common = ["--simulate", "tiny", "--nt", "1", "4", "--objectives", "bgpo", "--gpus", "1", "--prompt-length", "8",
+              "--response-length", "32", "--out", str(tmp_path), "--no-plot"]
+    lora = {r["n_t"]: r for r in bench.main(common + ["--finetune", "lora", "--lora-rank", "4"])}
+    full = {r["n_t"]: r for r in bench.main(common)}
+    assert lora[4]["peak_total_mib"] == pytest.approx(lora[1]["peak_total_mib"], rel=0.02)
+    assert lora[1]["static_mib"] < full[1]["static_mib"]  # 2 bytes per frozen weight, not 16
+
+
 def test_grad_variance_falls_with_n_t(tmp_path):
     rows = _load("grad_variance").main(["--nt", "1", "16", "--reference-nt", "32", "--repeats", "3",
                                         "--schemes", "stratified", "--responses", "2", "--response-length", "8",
