@@ -167,7 +167,7 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     V = weight.shape[0]
     rows, h, y = _gather_rows(hidden, targets, masked)
     N = rows.numel()
-    h32 = h.float()
+    h32 = h.float() if need_weight else None  # fp32 operands of the grad-W matmul (no copy for fp32 inputs)
     lse_rows = lse.reshape(B * L)[rows]
     # ∂loss/∂logp_r = gℓ_b * w_b for the sequence b of row r.
     coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
@@ -177,13 +177,13 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     R, Vt = _tiles(N, V, H, chunk_size)
     for v0 in range(0, V, Vt):
         v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float()
+        w32 = weight[v0:v1].float() if need_hidden else None  # ... and of the grad-h matmul
         grad_w_tile = torch.zeros(v1 - v0, H, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_b_tile = torch.zeros(v1 - v0, dtype=torch.float32, device=weight.device) if need_bias else None
         for r0 in range(0, N, R):
             r = slice(r0, r0 + R)
-            _backward_tile(h[r], h32[r], y[r], lse_rows[r], coef[r], weight, w32, bias, v0, v1, softcap,
-                           None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
+            _backward_tile(h[r], None if h32 is None else h32[r], y[r], lse_rows[r], coef[r], weight, w32, bias,
+                           v0, v1, softcap, None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
         if need_weight:
             grad_weight[v0:v1] = grad_w_tile
         if need_bias:
