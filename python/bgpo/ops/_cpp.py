@@ -8,6 +8,7 @@ those modules.  When the extension is absent, bgpo runs on its PyTorch/Triton pa
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from types import SimpleNamespace
 
@@ -40,7 +41,10 @@ def _import() -> bool:
     if _state["error"] is not None:
         return False
     try:
-        from .. import _C  # noqa: F401  (loading the library registers torch.ops.bgpo_C.*)
+        # loading the library registers torch.ops.bgpo_C.*; import_module (not `from .. import _C`, which
+        # bgpo's own partly initialised __init__ turns into a plain ImportError) says ModuleNotFoundError
+        # when the extension was not built
+        importlib.import_module("bgpo._C")
     except (ImportError, OSError) as error:  # not built, or built against another torch (undefined symbol)
         _state["error"] = error
         return False
