@@ -61,6 +61,14 @@ Params make_params(const at::Tensor& input_ids, const at::Tensor& maskable, cons
   return p;
 }
 
+Buffers make_buffers(const at::Tensor& input_ids, const at::Tensor& maskable, const at::Tensor& sequence_ids) {
+  Buffers buffers{input_ids.contiguous(), maskable.contiguous(), sequence_ids.contiguous(), {}, {}, {}};
+  buffers.noisy = at::empty_like(buffers.ids);
+  buffers.masked = at::empty_like(buffers.maskable);
+  buffers.weight = at::empty({buffers.ids.size(0)}, buffers.ids.options().dtype(at::kFloat));
+  return buffers;
+}
+
 namespace {
 
 // One sequence: fills masked[0:C) and returns its weight.  `keys` is scratch of at least C entries.
@@ -104,14 +112,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_mask_cpu(
     bool stratify_t, bool length_normalize) {
   const Params p = make_params(input_ids, maskable, sequence_ids, mask_id, seed, sample_index, num_samples,
                                scheme, t_min, stratify_t, length_normalize);
-  const at::Tensor ids = input_ids.contiguous();
-  const at::Tensor maskable_c = maskable.contiguous();
-  const at::Tensor seq_ids = sequence_ids.contiguous();
+  const Buffers buffers = make_buffers(input_ids, maskable, sequence_ids);
+  const at::Tensor& ids = buffers.ids;
+  const at::Tensor& maskable_c = buffers.maskable;
+  const at::Tensor& seq_ids = buffers.sequence_ids;
+  const at::Tensor& noisy = buffers.noisy;
+  const at::Tensor& masked = buffers.masked;
+  const at::Tensor& weight = buffers.weight;
   const int64_t B = ids.size(0);
   const int64_t C = ids.size(1);
-  at::Tensor noisy = at::empty_like(ids);
-  at::Tensor masked = at::empty_like(maskable_c);
-  at::Tensor weight = at::empty({B}, ids.options().dtype(at::kFloat));
   if (B == 0) {
     return {noisy, masked, weight};
   }

@@ -149,5 +149,13 @@ Params make_params(const at::Tensor& input_ids, const at::Tensor& maskable, cons
                    int64_t mask_id, int64_t seed, int64_t sample_index, int64_t num_samples,
                    std::string_view scheme, double t_min, bool stratify_t, bool length_normalize);
 
+// The tensors a masking kernel reads (contiguous) and writes (allocated), for the CPU and CUDA launchers.
+struct Buffers {
+  at::Tensor ids, maskable, sequence_ids;  // inputs, contiguous
+  at::Tensor noisy, masked, weight;        // outputs: (B, L) ids, (B, L) bool, (B,) fp32
+};
+
+Buffers make_buffers(const at::Tensor& input_ids, const at::Tensor& maskable, const at::Tensor& sequence_ids);
+
 }  // namespace mask
 }  // namespace bgpo
