@@ -113,24 +113,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_mask_cpu(
   const Params p = make_params(input_ids, maskable, sequence_ids, mask_id, seed, sample_index, num_samples,
                                scheme, t_min, stratify_t, length_normalize);
   const Buffers buffers = make_buffers(input_ids, maskable, sequence_ids);
-  const at::Tensor& ids = buffers.ids;
-  const at::Tensor& maskable_c = buffers.maskable;
-  const at::Tensor& seq_ids = buffers.sequence_ids;
-  const at::Tensor& noisy = buffers.noisy;
-  const at::Tensor& masked = buffers.masked;
-  const at::Tensor& weight = buffers.weight;
-  const int64_t B = ids.size(0);
-  const int64_t C = ids.size(1);
+  const int64_t B = buffers.ids.size(0);
+  const int64_t C = buffers.ids.size(1);
   if (B == 0) {
-    return {noisy, masked, weight};
+    return buffers.outputs();
   }
-  const bool* maskable_ptr = maskable_c.const_data_ptr<bool>();
-  const int64_t* seq_ptr = seq_ids.const_data_ptr<int64_t>();
-  bool* masked_ptr = masked.mutable_data_ptr<bool>();
-  float* weight_ptr = weight.mutable_data_ptr<float>();
-  AT_DISPATCH_INTEGRAL_TYPES(ids.scalar_type(), "bgpo_random_mask_cpu", [&] {
-    const scalar_t* in = ids.const_data_ptr<scalar_t>();
-    scalar_t* out = noisy.mutable_data_ptr<scalar_t>();
+  const bool* maskable_ptr = buffers.maskable.const_data_ptr<bool>();
+  const int64_t* seq_ptr = buffers.sequence_ids.const_data_ptr<int64_t>();
+  bool* masked_ptr = buffers.masked.mutable_data_ptr<bool>();
+  float* weight_ptr = buffers.weight.mutable_data_ptr<float>();
+  AT_DISPATCH_INTEGRAL_TYPES(buffers.ids.scalar_type(), "bgpo_random_mask_cpu", [&] {
+    const scalar_t* in = buffers.ids.const_data_ptr<scalar_t>();
+    scalar_t* out = buffers.noisy.mutable_data_ptr<scalar_t>();
     const scalar_t fill = static_cast<scalar_t>(p.mask_id);
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(C, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
@@ -145,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_mask_cpu(
       }
     });
   });
-  return {noisy, masked, weight};
+  return buffers.outputs();
 }
 
 // The uint32 word of 64-bit offsets (int64 tensor) or zero-extended 32-bit offsets (int32 tensor).

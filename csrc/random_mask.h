@@ -153,6 +153,8 @@ Params make_params(const at::Tensor& input_ids, const at::Tensor& maskable, cons
 struct Buffers {
   at::Tensor ids, maskable, sequence_ids;  // inputs, contiguous
   at::Tensor noisy, masked, weight;        // outputs: (B, L) ids, (B, L) bool, (B,) fp32
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {noisy, masked, weight}; }
 };
 
 Buffers make_buffers(const at::Tensor& input_ids, const at::Tensor& maskable, const at::Tensor& sequence_ids);

@@ -124,26 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_mask_cuda(
                                scheme, t_min, stratify_t, length_normalize);
   const c10::cuda::OptionalCUDAGuard guard(input_ids.device());
   const Buffers buffers = make_buffers(input_ids, maskable, sequence_ids);
-  const at::Tensor& ids = buffers.ids;
-  const at::Tensor& maskable_c = buffers.maskable;
-  const at::Tensor& seq_ids = buffers.sequence_ids;
-  const at::Tensor& noisy = buffers.noisy;
-  const at::Tensor& masked = buffers.masked;
-  const at::Tensor& weight = buffers.weight;
-  const int64_t B = ids.size(0);
-  const int64_t C = ids.size(1);
+  const int64_t B = buffers.ids.size(0);
+  const int64_t C = buffers.ids.size(1);
   if (B == 0) {
-    return {noisy, masked, weight};
+    return buffers.outputs();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_INTEGRAL_TYPES(ids.scalar_type(), "bgpo_random_mask_cuda", [&] {
+  AT_DISPATCH_INTEGRAL_TYPES(buffers.ids.scalar_type(), "bgpo_random_mask_cuda", [&] {
     random_mask_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        ids.const_data_ptr<scalar_t>(), maskable_c.const_data_ptr<bool>(), seq_ids.const_data_ptr<int64_t>(),
-        noisy.mutable_data_ptr<scalar_t>(), masked.mutable_data_ptr<bool>(), weight.mutable_data_ptr<float>(), C,
+        buffers.ids.const_data_ptr<scalar_t>(), buffers.maskable.const_data_ptr<bool>(),
+        buffers.sequence_ids.const_data_ptr<int64_t>(),
+        buffers.noisy.mutable_data_ptr<scalar_t>(), buffers.masked.mutable_data_ptr<bool>(), buffers.weight.mutable_data_ptr<float>(), C,
         p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {noisy, masked, weight};
+  return buffers.outputs();
 }
 
 // ------------------------------------------------------------------------------------------------
