@@ -133,9 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_mask_cuda(
   AT_DISPATCH_INTEGRAL_TYPES(buffers.ids.scalar_type(), "bgpo_random_mask_cuda", [&] {
     random_mask_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         buffers.ids.const_data_ptr<scalar_t>(), buffers.maskable.const_data_ptr<bool>(),
-        buffers.sequence_ids.const_data_ptr<int64_t>(),
-        buffers.noisy.mutable_data_ptr<scalar_t>(), buffers.masked.mutable_data_ptr<bool>(), buffers.weight.mutable_data_ptr<float>(), C,
-        p);
+        buffers.sequence_ids.const_data_ptr<int64_t>(), buffers.noisy.mutable_data_ptr<scalar_t>(),
+        buffers.masked.mutable_data_ptr<bool>(), buffers.weight.mutable_data_ptr<float>(), C, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return buffers.outputs();
