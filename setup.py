@@ -27,7 +27,7 @@ setup(
         # what the test suite needs beyond torch: Hugging Face models for the adapter tests,
         # safetensors for checkpoint loading, matplotlib/tqdm for the benchmarks it runs
         "test": ["pytest>=8", "transformers>=4.56.2", "safetensors>=0.4", "matplotlib", "tqdm",
-                 "trl>=1.16,<1.17", "datasets", "pyyaml", "math-verify", "peft"],
+                 "trl>=1.16,<1.17", "datasets", "pyyaml", "math-verify", "peft", "deepspeed>=0.19,<0.20"],
         # Philox streams differ in older Triton releases: the masks are only bit-exact in this range.
         "triton": ["triton>=3.8,<3.10"],
         "bench": ["matplotlib", "tqdm"],
@@ -36,6 +36,8 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # bgpo.integrations.trl overrides private GRPOTrainer methods: pinned to the tested minor release
         "trl": ["trl>=1.16,<1.17"],
+        # DeepSpeed ZeRO-1/2 under the TRL trainer (tested on the CPU with gloo at this release)
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
         "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm", "datasets", "math-verify", "peft"],
     },
     package_data={"bgpo": ["configs/*.yaml"]},

@@ -11,12 +11,10 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bgpo.integrations.trl import DiffusionGRPOConfig, DiffusionGRPOTrainer  # noqa: E402
+from bgpo.integrations.trl import DiffusionGRPOConfig  # noqa: E402
 from bgpo.memory import track_peak_memory  # noqa: E402
 
-CHARS = "abcdefghij+=?"
-VOCAB = {"<pad>": 0, "<eos>": 1, "<mask>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-TARGET = VOCAB["a"]
+import trl_tiny  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
 
 
 @pytest.fixture(autouse=True)
@@ -26,46 +24,6 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-def _tokenizer():
-    """A character-level fast tokenizer with pad, EOS and mask tokens, built without a download."""
-    model = tokenizers.models.WordLevel(VOCAB, unk_token="<unk>")
-    tokenizer = tokenizers.Tokenizer(model)
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
-    tokenizer.decoder = tokenizers.decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                                mask_token="<mask>", unk_token="<unk>")
-
-
-def _model(hidden=32):
-    """A tiny transformers Llama made bidirectional: a masked diffusion LM in all but its weights."""
-    config = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.config.is_causal = False
-    for module in model.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
-    return model
-
-
-def count_a(completion_ids, **kwargs):
-    """Synthetic reward: the fraction of the response that is the letter 'a'."""
-    return [sum(token == TARGET for token in ids) / max(len(ids), 1) for ids in completion_ids]
-
-
-def _trainer(tmp_path, model=None, **overrides):
-    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                   max_completion_length=8, block_length=4, diffusion_steps=4, num_mc_samples=2, max_steps=2,
-                   learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                   gradient_checkpointing=False, seed=0)
-    options.update(overrides)
-    dataset = datasets.Dataset.from_dict({"prompt": ["a+b=", "c+d=", "e+f=", "g+h="]})
-    return DiffusionGRPOTrainer(model or _model(), reward_funcs=count_a, args=DiffusionGRPOConfig(**options),
-                                train_dataset=dataset, processing_class=_tokenizer())
-
-
 @pytest.mark.parametrize("objective, extra", [
     ("bgpo", {}),
     ("bgpo", dict(num_iterations=2)),  # off-policy: old ELBOs computed at rollout, masks regenerated
@@ -73,7 +31,7 @@ def _trainer(tmp_path, model=None, **overrides):
     ("wd1", {}),
 ])
 def test_a_few_steps_train(tmp_path, objective, extra):
-    trainer = _trainer(tmp_path, objective=objective, **extra)
+    trainer = trl_tiny.trainer(tmp_path, objective=objective, **extra)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -88,7 +46,7 @@ def test_a_few_steps_train(tmp_path, objective, extra):
 
 def _update_peak(tmp_path, objective, num_mc_samples):
     """Peak memory (bytes) of a training step that only updates: the rollout happened in the step before."""
-    trainer = _trainer(tmp_path, model=_model(hidden=64), objective=objective, num_mc_samples=num_mc_samples,
+    trainer = trl_tiny.trainer(tmp_path, trl_tiny.model(hidden=64), objective=objective, num_mc_samples=num_mc_samples,
                        max_completion_length=16, block_length=8, diffusion_steps=4, steps_per_generation=2)
     rows = next(iter(trainer.get_train_dataloader()))
     trainer.training_step(trainer.model_wrapped, rows)  # rolls out 2 steps' worth, updates on the first
@@ -106,7 +64,7 @@ def test_peak_memory_is_flat_in_nt_for_bgpo_and_grows_for_vrpo(tmp_path):
 
 def test_gradients_accumulate_like_one_big_step(tmp_path):
     """Two accumulation micro-steps give the gradient of the whole batch: each is divided by the steps."""
-    trainer = _trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = trl_tiny.trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     rows = next(iter(trainer.get_train_dataloader()))
     trainer.current_gradient_accumulation_steps = 2
     for _ in range(2):
@@ -124,9 +82,67 @@ def test_gradients_accumulate_like_one_big_step(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["bgpo", "diffu_grpo"])
+def test_kl_to_the_initial_policy(tmp_path, objective):
+    trainer = trl_tiny.trainer(tmp_path, objective=objective, beta=0.1, max_steps=3)
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.args.beta == 0.1 and trainer.beta == 0.0  # TRL's own autoregressive KL stays off
+    assert all(torch.equal(p, initial[n]) for n, p in trainer.reference.model.named_parameters())
+    assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    if objective == "bgpo":  # 0 while the policy is the reference (first step), then positive
+        assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[-1]["kl"] > 0
+
+
+def test_kl_with_peft_uses_the_base_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trl_tiny.trainer(tmp_path, peft_config=config, beta=0.1, max_steps=2, learning_rate=5e-2)
+    assert trainer.reference is None
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["kl"] > 0  # the adapters moved the policy away from the base model
+
+
+def _launch(tmp_path, name, *overrides, env_extra=None):
+    """Train with 2 processes (gloo, CPU) and return each rank's final parameters."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.join(root, "python"), root]), **(env_extra or {})}
+    out = tmp_path / name
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(root, "tests", "trl_tiny.py"), str(out), *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(f"{out}.rank{rank}.pt") for rank in range(2)]
+
+
+def test_ddp_and_deepspeed_zero2_over_two_processes_agree(tmp_path):
+    """Both ranks end with the same parameters (gradients were reduced), different from the initial ones; and
+    DeepSpeed ZeRO-2, whose engine runs every per-sample backward, reaches the parameters DDP reaches."""
+    # fp32 (TRL defaults to bf16, which DeepSpeed applies to the weights) and SGD (Adam's first steps turn
+    # float noise in a ~0 gradient into a step of lr), so the two runs must agree to float precision.
+    common = ["per_device_train_batch_size=4", "max_steps=2", "gradient_accumulation_steps=2", "num_mc_samples=3",
+              "bf16=false", "optim=sgd", "learning_rate=0.5"]
+    ddp = _launch(tmp_path, "ddp", *common)
+    initial = dict(trl_tiny.model().named_parameters())
+    for name, value in ddp[0].items():
+        torch.testing.assert_close(ddp[1][name], value, msg=name)
+    assert any(not torch.equal(value, initial[name].detach()) for name, value in ddp[0].items())
+    pytest.importorskip("deepspeed")
+    zero2 = ("deepspeed={zero_optimization: {stage: 2}, train_micro_batch_size_per_gpu: auto, "
+             "gradient_accumulation_steps: auto, train_batch_size: auto, gradient_clipping: auto}")
+    deepspeed = _launch(tmp_path, "deepspeed", *common, zero2)
+    for name, value in ddp[0].items():
+        torch.testing.assert_close(deepspeed[1][name], deepspeed[0][name], msg=name)
+        torch.testing.assert_close(deepspeed[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("field, value", [
     ("objective", "ppo"), ("num_mc_samples", 0), ("mask_scheme", "uniform"), ("block_length", 3),
-    ("diffusion_steps", 3), ("beta", 0.04), ("remasking", "entropy"),
+    ("diffusion_steps", 3), ("beta", -0.1), ("remasking", "entropy"),
 ])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     options = dict(output_dir=str(tmp_path), max_completion_length=8, block_length=4, diffusion_steps=4,

@@ -246,3 +246,53 @@ def test_objective_argument_errors():
         objectives.bgpo_loss(e, a, torch.zeros(2), num_samples=1)
     with pytest.raises(ValueError, match="objective"):
         objectives.per_sample_loss(e, a, objective="vrpo", num_samples=1)
+
+
+def test_elbo_kl_is_k3_of_the_elbo_log_ratio_and_its_gradient_pulls_toward_the_reference():
+    elbo = torch.tensor([-3.0, -1.0, -2.5], requires_grad=True)
+    ref = torch.tensor([-2.0, -1.5, -2.5])
+    n_t, beta = 4, 0.3
+    kl = objectives.elbo_kl(elbo, ref, num_samples=n_t, denom=5)
+    x = ref - elbo.detach()
+    torch.testing.assert_close(kl, (torch.exp(x) - x - 1).sum() / (n_t * 5))
+    loss = objectives.per_sample_loss(elbo, torch.zeros(3), objective="bgpo", num_samples=n_t, denom=5,
+                                      ref_elbo=ref, beta=beta)
+    loss.backward()
+    # ∂/∂ℓ of β k3(ref - ℓ) / (n_t D) = β (1 - e^x) / (n_t D): negative (pull up) where ℓ < ref, 0 at ℓ = ref
+    torch.testing.assert_close(elbo.grad, beta * (1 - torch.exp(x)) / (n_t * 5))
+    assert elbo.grad[0] < 0 < elbo.grad[1] and elbo.grad[2] == 0
+
+
+def test_kl_needs_a_reference_and_a_non_negative_beta():
+    elbo, a = torch.zeros(2), torch.zeros(2)
+    with pytest.raises(ValueError, match="ref_elbo: required when beta > 0"):
+        objectives.per_sample_loss(elbo, a, objective="bgpo", num_samples=1, beta=0.1)
+    with pytest.raises(ValueError, match="beta: expected a float >= 0"):
+        objectives.per_sample_loss(elbo, a, objective="bgpo", num_samples=1, ref_elbo=elbo, beta=-1.0)
+    with pytest.raises(ValueError, match="ref_elbos: required when beta > 0"):
+        objectives.vrpo_loss(torch.zeros(2, 2), a, beta=0.1)
+    with pytest.raises(ValueError, match="ref_elbo: expected shape"):
+        objectives.per_sample_loss(elbo, a, objective="elbo", num_samples=1, ref_elbo=torch.zeros(3), beta=0.1)
+
+
+def test_on_policy_bgpo_equals_vrpo_with_the_kl_term(tiny_lm):
+    """The KL is one term per sample, so the per-sample BGPO loss keeps VRPO-OL's value and gradient."""
+    ids, maskable = _rollout_batch(tiny_lm)
+    n_t, beta = 3, 0.5
+    with torch.no_grad():  # a reference a little off the policy
+        ref = [bgpo.fused_elbo(*_sample_inputs(tiny_lm, ids, maskable, j, n_t)) + 0.3 * (j - 1) for j in range(n_t)]
+    value = 0.0
+    for j in range(n_t):
+        out = bgpo.fused_elbo_loss(*_sample_inputs(tiny_lm, ids, maskable, j, n_t), ADVANTAGES,
+                                   num_samples=n_t, ref_elbo=ref[j], beta=beta)
+        out.loss.backward()
+        value += out.loss.item()
+    per_sample = _grads(tiny_lm)
+    tiny_lm.zero_grad()
+    elbos = torch.stack([bgpo.fused_elbo(*_sample_inputs(tiny_lm, ids, maskable, j, n_t)) for j in range(n_t)])
+    vrpo = objectives.vrpo_loss(elbos, ADVANTAGES, ref_elbos=torch.stack(ref), beta=beta)
+    vrpo.backward()
+    assert value == pytest.approx(vrpo.item(), rel=1e-5)
+    assert vrpo.item() > -ADVANTAGES.sum().item() / 4  # the KL is positive off the reference
+    for name, grad in _grads(tiny_lm).items():
+        torch.testing.assert_close(per_sample[name], grad, rtol=1e-4, atol=1e-6, msg=name)

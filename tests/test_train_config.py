@@ -30,6 +30,9 @@ def test_defaults_are_valid_and_overrides_are_typed():
     ("model.init=/nonexistent.safetensors", "model.init: no such file"),
     ("rollout=3", "rollout: expected a mapping"),
     ("steps", "override: expected key=value"),
+    ("log.eval_samples=4", "log.eval_samples: 4 samples per prompt need log.eval_temperature > 0"),
+    ("log.eval_temperature=-1", "log.eval_temperature: expected a float >= 0"),
+    ("policy.kl_beta=-0.1", "policy.kl_beta: expected a float >= 0"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -18,3 +18,21 @@ def test_demo_preset_runs_with_the_comparison_objectives(tmp_path, objective):
     assert [r["kind"] for r in records] == ["warmup", "eval", "train", "train", "eval"]
     assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     assert 0.0 <= result["reward"] <= 1.0
+
+
+def test_demo_learns(tmp_path):
+    """The demo itself (seed 0, as README runs it): after the warm-up, BGPO raises the held-out reward of the
+    policy (4 sampled responses to each of 512 fresh puzzles, the same sampling noise at every evaluation).
+
+    Measured: 0.357 -> 0.449 (seed 0) and 0.359 -> 0.465 (seed 1); the margin asserted is under half of that.
+    """
+    config = load_config(preset="tiny-sudoku", overrides=[
+        "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "checkpoint.save_final=false",
+        f"output_dir={tmp_path}"])
+    Trainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(0, 241, 40))
+    assert evals[0]["prompts"] == 512 and evals[0]["samples_per_prompt"] == 4
+    warm_up, final = evals[0]["reward"], evals[-1]["reward"]
+    assert final >= warm_up + 0.04, f"held-out reward {warm_up:.3f} after the warm-up, {final:.3f} after BGPO"

@@ -60,3 +60,21 @@ def test_two_ranks_match_one_process(tmp_path, strategy, monkeypatch):
     torch.manual_seed(0)
     initial = LLaDAModelLM(LLaDAConfig.preset("tiny")).state_dict()
     assert any(not torch.equal(initial[k], one[k]) for k in one), "the step did not move the parameters"
+
+
+def test_warm_up_under_torchrun_saves_the_gathered_weights(tmp_path):
+    path = os.pathsep.join([str(ROOT / "python"), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "bgpo.train", *OVERRIDES, "sft.steps=2", "sft.batch_size=4", "steps=0", "data.eval_size=0",
+               "distributed=fsdp", f"output_dir={run}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "warmup.safetensors")
+    model = LLaDAModelLM(LLaDAConfig.preset("tiny"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert train_main([*OVERRIDES, "steps=0", f"model.init={run / 'warmup.safetensors'}",
+                       f"output_dir={tmp_path / 'from_warmup'}"]) == 0

@@ -80,6 +80,34 @@ def test_lora_trains_only_the_adapters(tmp_path):
     assert all("lora_" in k for k in load_file(path / "model.safetensors"))
 
 
+@pytest.mark.parametrize("objective", ["bgpo", "diffu_grpo"])
+def test_kl_reference_is_the_policy_rl_started_from(tmp_path, objective):
+    trainer = Trainer(tiny_config(tmp_path, f"policy.objective={objective}", "policy.kl_beta=0.2", "sft.steps=2",
+                                  "sft.batch_size=4", "batch_size=4"))
+    trainer.warm_up()
+    start = parameters(trainer.model)
+    records = [trainer.train_step() for _ in range(2)]
+    with trainer._reference_policy() as reference:
+        assert all(torch.equal(p, start[n]) for n, p in reference.named_parameters())
+        assert not any(p.requires_grad for p in reference.parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+    assert all(math.isfinite(r["loss"]) for r in records)
+    if objective == "bgpo":  # k3 of the ELBO log-ratio: 0 on the first step (policy = reference), then > 0
+        assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6) and records[1]["kl"] > 0
+
+
+def test_kl_with_lora_uses_the_base_model_as_reference(tmp_path):
+    pytest.importorskip("peft")
+    trainer = Trainer(tiny_config(tmp_path, "lora.enabled=true", "lora.r=4", "policy.kl_beta=0.2", "batch_size=4"))
+    ids = torch.randint(0, 20, (2, 10))
+    base = trainer.model.logits(ids).detach()
+    trainer.train_step(), trainer.train_step()
+    assert not torch.allclose(trainer.model.logits(ids), base)
+    with trainer._reference_policy() as reference:
+        torch.testing.assert_close(reference.logits(ids), base)
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = Trainer(tiny_config(tmp_path / "straight", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"))
     straight.train()
@@ -155,6 +183,17 @@ def test_train_writes_metrics_and_evaluates(tmp_path):
         assert key in train
     assert result["kind"] == "eval" and 0 <= result["accuracy"] <= result["reward"] + 1e-9 <= 1 + 1e-9
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+
+
+def test_sampled_evaluation_scores_several_responses_per_prompt_with_fixed_noise(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "log.eval_temperature=1.0", "log.eval_samples=3", "data.eval_size=5"))
+    first, again = trainer.evaluate(), trainer.evaluate()
+    assert first["prompts"] == 5 and first["samples_per_prompt"] == 3 and first["temperature"] == 1.0
+    assert first["reward"] == again["reward"]  # same sampling noise: checkpoints are compared pairwise
+    rolled = trainer.rollout(trainer.eval_examples, group_size=3, temperature=1.0, seed_parts=(0, -1),
+                             first_index=0, chunk=64)
+    rewards, _ = trainer.score(rolled["completions"], trainer.eval_examples)
+    assert first["reward"] == pytest.approx(rewards.double().mean().item())
 
 
 def test_warm_up_saves_a_checkpoint_to_start_rl_from(tmp_path):

@@ -18,11 +18,19 @@ advantage; n_t the number of MC samples; D the number of responses the loss aver
 * ``spg_loss`` — SPG: ELBO for A > 0, an upper bound (EUBO) or a mixture for A <= 0.
 * ``wd1_loss`` — wd1: ``-Σ softmax_G(A) log π + Σ softmax_G(-A) log π``, no ratio.
 
+* ``elbo_kl`` — the optional KL penalty to a reference policy for the ELBO objectives: k3 of the
+  ELBO log-ratio of each MC sample, ``e^x - x - 1`` with ``x_j = ℓ_j^ref - ℓ_j`` (the estimator GRPO uses
+  per token, here per sequence with the ELBO standing in for the log-likelihood, as in the ratio).
+  One term per sample, so it accumulates like BGPO.  Its gradient coefficient on ∇ℓ_j is
+  ``β (1 - e^{x_j}) / n_t``: it pulls ℓ_j up where the policy has fallen below the reference and down
+  where it has risen above it.
+
 Options shared with the public ports, defaults = the paper: ``clip=(ε_low, ε_high)`` applies PPO's
 ``min(ρA, clip(ρ, 1-ε_low, 1+ε_high) A)`` to the ratio ρ (1 + d or e^d); off by default.
 ``max_log_ratio`` clamps d (or mean d) before every exponential, default ``MAX_LOG_RATIO`` = 10
 (e^10 ≈ 2.2e4): it prevents overflow when a sequence's log-likelihood has moved far; beyond it the
-gradient of that term is zero.  A KL term is off by default (``beta`` in diffu-GRPO).
+gradient of that term is zero.  A KL term is off by default (``beta`` = 0; ``ref_elbo`` and ``beta``
+for the ELBO objectives, ``ref_logp`` and ``beta`` in diffu-GRPO).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ __all__ = [
     "bgpo_bound",
     "bgpo_loss",
     "elbo_pg_loss",
+    "elbo_kl",
     "per_sample_loss",
     "vrpo_loss",
     "diffu_grpo_loss",
@@ -145,17 +154,45 @@ def elbo_pg_loss(elbo, advantages, *, num_samples, denom=None) -> torch.Tensor:
     return -(advantages * elbo).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
 
+def elbo_kl(elbo, ref_elbo, *, num_samples, denom=None, max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
+    """``(1/(n_t D)) Σ_b k3(ℓ_b^ref - ℓ_b)``: one MC sample's share of the KL to the reference policy.
+
+    ``k3(x) = e^x - x - 1 >= 0``; x is clamped at ``max_log_ratio`` before the exponential (beyond it the
+    term is constant, as for the ratio).
+    """
+    num_samples = _check_num_samples(num_samples)
+    _check_max_log_ratio(max_log_ratio)
+    elbo = elbo.float()
+    x = _clamp_max(_check_vector("ref_elbo", ref_elbo, elbo) - elbo, max_log_ratio)
+    return (torch.exp(x) - x - 1.0).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
+
+
+def _check_kl(name: str, ref, beta) -> bool:
+    """True when a KL term is asked for; ValueError when ``beta`` and ``ref`` do not go together."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"beta: expected a float >= 0 (the KL coefficient), got {beta!r}")
+    if beta > 0 and ref is None:
+        raise ValueError(f"{name}: required when beta > 0 (the KL is to the reference policy's ELBO terms)")
+    return beta > 0
+
+
 def per_sample_loss(elbo, advantages, old_elbo=None, *, objective, num_samples, denom=None, clip=None,
-                    max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
-    """The loss of one MC sample for the objectives that are linear in the samples (``bgpo``, ``elbo``)."""
+                    max_log_ratio=MAX_LOG_RATIO, ref_elbo=None, beta=0.0) -> torch.Tensor:
+    """The loss of one MC sample for the objectives that are linear in the samples (``bgpo``, ``elbo``),
+    plus ``beta * elbo_kl(elbo, ref_elbo)`` when ``beta > 0``."""
     if objective == "bgpo":
-        return bgpo_loss(elbo, advantages, old_elbo, num_samples=num_samples, denom=denom, clip=clip,
+        loss = bgpo_loss(elbo, advantages, old_elbo, num_samples=num_samples, denom=denom, clip=clip,
                          max_log_ratio=max_log_ratio)
-    if objective == "elbo":
+    elif objective == "elbo":
         if old_elbo is not None or clip is not None:
             raise ValueError("objective: 'elbo' takes neither old_elbo nor clip (it has no ratio); use 'bgpo'")
-        return elbo_pg_loss(elbo, advantages, num_samples=num_samples, denom=denom)
-    raise ValueError(f"objective: expected 'bgpo' or 'elbo' (the per-sample objectives), got {objective!r}")
+        loss = elbo_pg_loss(elbo, advantages, num_samples=num_samples, denom=denom)
+    else:
+        raise ValueError(f"objective: expected 'bgpo' or 'elbo' (the per-sample objectives), got {objective!r}")
+    if _check_kl("ref_elbo", ref_elbo, beta):
+        loss = loss + beta * elbo_kl(elbo, ref_elbo, num_samples=num_samples, denom=denom,
+                                     max_log_ratio=max_log_ratio)
+    return loss
 
 
 def vrpo_loss(
@@ -166,8 +203,11 @@ def vrpo_loss(
     denom: float | None = None,
     clip: tuple[float, float] | None = None,
     max_log_ratio: float | None = MAX_LOG_RATIO,
+    ref_elbos: torch.Tensor | None = None,
+    beta: float = 0.0,
 ) -> torch.Tensor:
-    """VRPO-OL: ``-(1/D) Σ_b exp(mean_j d_bj) A_b`` over stacked per-sample terms ``elbos`` (n_t, B)."""
+    """VRPO-OL: ``-(1/D) Σ_b exp(mean_j d_bj) A_b`` over stacked per-sample terms ``elbos`` (n_t, B), plus
+    ``beta`` times the KL of ``elbo_kl`` summed over the samples when ``beta > 0``."""
     clip = _check_clip(clip)
     _check_max_log_ratio(max_log_ratio)
     if not isinstance(elbos, torch.Tensor) or elbos.dim() != 2:
@@ -177,7 +217,11 @@ def vrpo_loss(
     old = elbos.detach() if old_elbos is None else _check_vector("old_elbos", old_elbos, elbos)
     mean_d = (elbos - old).mean(dim=0)
     ratio = torch.exp(_clamp_max(mean_d, max_log_ratio))
-    return -_clipped(ratio, advantages, clip).sum() / _check_denom(denom, elbos.shape[1])
+    loss = -_clipped(ratio, advantages, clip).sum() / _check_denom(denom, elbos.shape[1])
+    if _check_kl("ref_elbos", ref_elbos, beta):
+        loss = loss + beta * sum(elbo_kl(e, r, num_samples=len(elbos), denom=denom, max_log_ratio=max_log_ratio)
+                                 for e, r in zip(elbos, _check_vector("ref_elbos", ref_elbos, elbos)))
+    return loss
 
 
 def diffu_grpo_loss(

@@ -128,6 +128,9 @@ def accumulate_policy_gradient(
     spg_options: dict | None = None,
     gradient_sync: Callable[[bool], None] | None = None,
     autocast: torch.dtype | None = None,
+    ref_elbos: torch.Tensor | None = None,
+    beta: float = 0.0,
+    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> dict:
     """Back-propagate the batch's loss for ``objective``; return ``{"loss": float, "elbo": (n_t, N) or None}``.
 
@@ -139,27 +142,37 @@ def accumulate_policy_gradient(
     (e.g. FSDP2's ``model.set_requires_gradient_sync``): gradients are reduced across ranks once per call.
     ``autocast`` (e.g. ``torch.bfloat16``) runs the model's forwards under autocast; the LM head and
     backward run outside it, in the weights' dtype.
+    ``ref_elbos`` (n_t, N) from ``old_policy_elbos`` on the reference model and ``beta`` > 0 add the KL
+    penalty ``beta * objectives.elbo_kl`` per sample (bgpo, wd1, vrpo; diffu-GRPO takes ``ref_logp`` and
+    ``beta`` in ``diffu_grpo_options``).
+    ``backward(loss)`` replaces ``loss.backward()`` (e.g. ``accelerator.backward`` under accelerate).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
-    if old_elbos is not None and old_elbos.shape != (num_samples, len(batch)):
-        raise ValueError(f"old_elbos: expected shape {(num_samples, len(batch))}, got {tuple(old_elbos.shape)}")
+    for name, value in (("old_elbos", old_elbos), ("ref_elbos", ref_elbos)):
+        if value is not None and value.shape != (num_samples, len(batch)):
+            raise ValueError(f"{name}: expected shape {(num_samples, len(batch))}, got {tuple(value.shape)}")
+    if beta and objective in ("spg", "diffu_grpo"):
+        raise ValueError(f"beta: objective {objective!r} takes no ELBO KL term (diffu_grpo: diffu_grpo_options"
+                         " 'beta' and 'ref_logp')")
     if objective == "wd1" and micro_batch_size and micro_batch_size % batch.group_size:
         raise ValueError("micro_batch_size: wd1 needs whole groups in a micro-batch (a multiple of group_size)")
     denom = float(denom or len(batch))
     step = micro_batch_size or len(batch)
     micro_batches = -(-len(batch) // step)
-    backward = _Backward(micro_batches * (num_samples if objective in ("bgpo", "wd1") else 1), gradient_sync)
+    run_backward = _Backward(micro_batches * (num_samples if objective in ("bgpo", "wd1") else 1), gradient_sync,
+                             backward)
     total, elbos = 0.0, []
     for start in range(0, len(batch), step):
         rows = slice(start, start + step)
         micro = batch.slice(rows)
         old = None if old_elbos is None else old_elbos[:, rows]
+        ref = None if ref_elbos is None else ref_elbos[:, rows]
         sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend, autocast=autocast)
         if objective == "diffu_grpo":
             options = {key: value[rows] if key in ("old_logp", "ref_logp") and value is not None else value
                        for key, value in (diffu_grpo_options or {}).items()}
-            total += backward(_diffu_grpo_loss(model, micro, seed, denom, options, autocast))
+            total += run_backward(_diffu_grpo_loss(model, micro, seed, denom, options, autocast))
             continue
         if objective in ("bgpo", "wd1"):
             advantages, kind = micro.advantages, "bgpo"
@@ -171,28 +184,32 @@ def accumulate_policy_gradient(
                     **_sample_elbo(model, micro, j, **sample), advantages=advantages,
                     old_elbo=None if old is None else old[j], num_samples=num_samples, denom=denom,
                     objective=kind, clip=clip if kind == "bgpo" else None, max_log_ratio=max_log_ratio,
+                    ref_elbo=None if ref is None else ref[j], beta=beta,
                 )
-                total += backward(out.loss)  # sample j's graph is freed here
+                total += run_backward(out.loss)  # sample j's graph is freed here
                 columns.append(out.elbo)
             elbos.append(torch.stack(columns))
             continue
         stacked = torch.stack([fused_elbo(**_sample_elbo(model, micro, j, **sample)) for j in range(num_samples)])
         if objective == "vrpo":
             loss = objectives.vrpo_loss(stacked, micro.advantages, old, denom=denom, clip=clip,
-                                        max_log_ratio=max_log_ratio)
+                                        max_log_ratio=max_log_ratio, ref_elbos=ref, beta=beta)
         else:
             loss = objectives.spg_loss(stacked, micro.advantages, denom=denom, **(spg_options or {}))
-        total += backward(loss)  # all n_t graphs of the micro-batch were alive until here
+        total += run_backward(loss)  # all n_t graphs of the micro-batch were alive until here
         elbos.append(stacked.detach())
     loss = float(total) if values_readable(total) else total
     return {"loss": loss, "elbo": torch.cat(elbos, dim=1) if elbos else None}
 
 
 class _Backward:
-    """Runs the ``count`` backward passes of one call, telling ``gradient_sync`` which one is the last."""
+    """Runs the ``count`` backward passes of one call (with ``backward``, default ``Tensor.backward``),
+    telling ``gradient_sync`` which one is the last."""
 
-    def __init__(self, count: int, gradient_sync: Callable[[bool], None] | None):
+    def __init__(self, count: int, gradient_sync: Callable[[bool], None] | None,
+                 backward: Callable[[torch.Tensor], None] | None = None):
         self.remaining, self.gradient_sync = count, gradient_sync
+        self.backward = backward or torch.Tensor.backward
         if gradient_sync is not None:
             gradient_sync(count <= 1)
 
@@ -200,7 +217,7 @@ class _Backward:
         self.remaining -= 1
         if self.gradient_sync is not None and self.remaining == 0:
             self.gradient_sync(True)
-        loss.backward()
+        self.backward(loss)
         return loss.detach()  # no host sync per sample (and fake tensors, for the memory simulator, have no value)
 
 

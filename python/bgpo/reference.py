@@ -18,9 +18,11 @@ def fused_elbo_reference(hidden, weight, targets, masked, elbo_weight, *, bias=N
 
 def fused_elbo_loss_reference(hidden, weight, targets, masked, elbo_weight, advantages, old_elbo=None, *,
                               num_samples=1, denom=None, bias=None, objective="bgpo", clip=None,
-                              max_log_ratio=objectives.MAX_LOG_RATIO, softcap=None) -> ElboLoss:
+                              max_log_ratio=objectives.MAX_LOG_RATIO, ref_elbo=None, beta=0.0,
+                              softcap=None) -> ElboLoss:
     """``fused_elbo_loss`` computed the naive way."""
     elbo = fused_elbo_reference(hidden, weight, targets, masked, elbo_weight, bias=bias, softcap=softcap)
     loss = objectives.per_sample_loss(elbo, advantages, old_elbo, objective=objective, num_samples=num_samples,
-                                      denom=denom, clip=clip, max_log_ratio=max_log_ratio)
+                                      denom=denom, clip=clip, max_log_ratio=max_log_ratio, ref_elbo=ref_elbo,
+                                      beta=beta)
     return ElboLoss(loss, elbo.detach())

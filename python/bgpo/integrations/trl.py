@@ -28,19 +28,29 @@ What bgpo replaces, at the level TRL structures it:
   The loss of each micro-step is divided by the accumulation steps (as TRL does), and gradients are
   synchronised once per optimizer step.
 
-Distributed: single process and DDP (``accelerate launch`` with multi-GPU/CPU). The forwards run on
-the unwrapped model, so DDP's per-backward hooks stay idle and the trainer averages the gradients
-across ranks itself, once, at the last micro-step of each optimizer step. DeepSpeed and FSDP need
-each per-sample ``backward`` to go through their engine, which ``accumulate_policy_gradient`` does not
-offer yet: they raise ``NotImplementedError``.
+KL (``beta`` > 0): the reference is the policy as passed in (a frozen copy; for a peft model, the
+model with its adapters disabled). Its ELBO terms on the same masks (or, for diffu_grpo, its per-token
+log-probs) are computed once per rollout and kept as scalars; the k3 penalty of
+``bgpo.objectives.elbo_kl`` joins each per-sample loss. TRL itself is run with ``beta = 0`` (its
+reference model scores autoregressive log-probs, which a diffusion LM does not have).
+
+Distributed: single process, DDP and DeepSpeed ZeRO stages 1 and 2 (``accelerate launch``, multi-GPU
+or CPU). The forwards run on the unwrapped model. Under DDP its per-backward hooks stay idle and the
+trainer averages the gradients across ranks itself, once, at the last micro-step of each optimizer
+step. Under DeepSpeed every per-sample ``backward`` goes through the engine, and only the last one of
+the micro-step that ends an accumulation is the engine's accumulation boundary (where it steps).
+ZeRO-3 partitions the LM head, which the fused op reads outside the head's forward, and FSDP is not
+supported: both raise ``NotImplementedError``.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import is_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
 try:
@@ -70,7 +80,7 @@ class DiffusionGRPOConfig(GRPOConfig):
     Field names shared with d1's ``DiffuGRPOConfig`` (``block_length``, ``diffusion_steps``,
     ``remasking``, ``cfg_scale``, ``mask_id``, ``p_mask_prompt``) keep d1's meaning. ``epsilon`` is the
     clip range of ``diffu_grpo`` and, with ``clip_bound``, of the BGPO / VRPO ratios (upper bound
-    ``epsilon_high`` when set). TRL options that concern autoregressive log-probs (``loss_type``,
+    ``epsilon_high`` when set). ``beta`` is the KL coefficient (default 0; not with ``spg``). TRL options that concern autoregressive log-probs (``loss_type``,
     ``importance_sampling_level``, entropy terms, ...) have no effect.
     """
 
@@ -126,9 +136,10 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"diffusion_steps: expected a multiple of the number of blocks ({blocks}), got {self.diffusion_steps!r}"
             )
-        if self.beta != 0.0:
-            raise ValueError(f"beta: a KL term to a reference model is not supported yet; expected 0.0, "
-                             f"got {self.beta!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta: expected a KL coefficient >= 0, got {self.beta!r}")
+        if self.beta > 0 and self.objective == "spg":
+            raise ValueError("beta: spg takes no KL term; set beta=0.0")
         if self.use_vllm:
             raise ValueError("use_vllm: vLLM samples autoregressively; diffusion rollouts use bgpo.rollout.generate")
         if self.fp16:
@@ -186,15 +197,31 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                 "model: pass a loaded model instance (e.g. AutoModel.from_pretrained(path, trust_remote_code=True)); "
                 "TRL loads a model id as a causal LM"
             )
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-                         callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        # The KL's reference: a frozen copy of the policy as given (before TRL prepares it); with peft, the
+        # policy with its adapters disabled.  TRL's own reference scores autoregressive log-probs: keep it off.
+        peft = peft_config is not None or is_peft_model(model)
+        reference = copy.deepcopy(model).requires_grad_(False).eval() if args.beta > 0 and not peft else None
+        kl_beta, args.beta = args.beta, 0.0
+        try:
+            super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
+        finally:
+            args.beta = kl_beta
+        if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "DiffusionGRPOTrainer supports single-process and DDP training; DeepSpeed and FSDP need every "
-                "per-sample backward to go through their engine"
+                "DiffusionGRPOTrainer supports single process, DDP and DeepSpeed ZeRO-1/2; under FSDP the "
+                "per-sample backward passes and the fused LM head are not wired to the sharded model"
+            )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "DiffusionGRPOTrainer supports DeepSpeed ZeRO stages 1 and 2: ZeRO-3 partitions the LM head, "
+                "which the fused ELBO op reads outside the head's forward"
             )
         self.policy = HFMaskedDiffusionAdapter(self.model, tokenizer=self._tokenizer, mask_token_id=args.mask_id)
+        self.kl_beta = kl_beta
+        self.reference = None if reference is None else HFMaskedDiffusionAdapter(
+            reference.to(self.accelerator.device), tokenizer=self._tokenizer, mask_token_id=args.mask_id)
         self._rollouts = 0
         self._rollout_seed = 0
         epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
@@ -239,25 +266,37 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self.model.training and self.args.gradient_accumulation_steps % generate_every:
             self._add_old_policy_statistics(output)
+        if self.model.training and self.kl_beta > 0:
+            self._add_reference_statistics(output)
         return output
 
     def _add_old_policy_statistics(self, output: dict) -> None:
         """The old policy's ELBO terms ``old_elbos`` (N, n_t), or for diffu_grpo its per-token log-probs
         ``old_logps`` (N, μ, T) under each inner iteration's one-step mask; kept as scalars, masks regenerated."""
+        output.update(self._statistics(self.policy, output, "old"))
+
+    def _add_reference_statistics(self, output: dict) -> None:
+        """The same statistics under the KL's reference policy: ``ref_elbos`` or ``ref_logps``."""
+        if self.reference is not None:
+            output.update(self._statistics(self.reference, output, "ref"))
+            return
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            output.update(self._statistics(self.policy, output, "ref"))
+
+    def _statistics(self, model, output: dict, prefix: str) -> dict:
         batch = self._policy_batch(output)
         seed = int(output["mask_seed"][0])
         args = self.args
         if args.objective == "diffu_grpo":
-            output["old_logps"] = torch.stack([
-                old_policy_token_logprobs(self.policy, batch, seed=seed, iteration=iteration,
+            return {f"{prefix}_logps": torch.stack([
+                old_policy_token_logprobs(model, batch, seed=seed, iteration=iteration,
                                           prompt_mask_prob=args.p_mask_prompt,
                                           micro_batch_size=args.mc_micro_batch_size)
                 for iteration in range(self.num_iterations)
-            ], dim=1)
-        else:
-            output["old_elbos"] = old_policy_elbos(self.policy, batch, num_samples=args.num_mc_samples, seed=seed,
-                                                   scheme=args.mask_scheme,
-                                                   micro_batch_size=args.mc_micro_batch_size).T.contiguous()
+            ], dim=1)}
+        return {f"{prefix}_elbos": old_policy_elbos(model, batch, num_samples=args.num_mc_samples, seed=seed,
+                                                    scheme=args.mask_scheme,
+                                                    micro_batch_size=args.mc_micro_batch_size).T.contiguous()}
 
     def _policy_batch(self, inputs: dict) -> PolicyBatch:
         """The step's responses as a ``PolicyBatch``: prompt + completion, valid completion tokens scored."""
@@ -297,30 +336,60 @@ class DiffusionGRPOTrainer(GRPOTrainer):
         accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
         batch = self._policy_batch(inputs)
         old_elbos = inputs["old_elbos"].T if "old_elbos" in inputs else None
+        ref_elbos = inputs["ref_elbos"].T if "ref_elbos" in inputs else None
         diffu_grpo_options = None
         if args.objective == "diffu_grpo":
             iteration = (self._step // args.steps_per_generation) % self.num_iterations
             old_logp = inputs["old_logps"][:, iteration] if "old_logps" in inputs else None
             diffu_grpo_options = dict(iteration=iteration, prompt_mask_prob=args.p_mask_prompt,
                                       clip_eps=args.epsilon, old_logp=old_logp)
+            if "ref_logps" in inputs:
+                diffu_grpo_options.update(ref_logp=inputs["ref_logps"][:, iteration], beta=self.kl_beta)
+        sync, backward = self._deepspeed_backward() if self.is_deepspeed_enabled else (None, None)
         result = accumulate_policy_gradient(
             self.policy, batch, objective=args.objective, num_samples=args.num_mc_samples,
             seed=int(inputs["mask_seed"][0]), old_elbos=old_elbos, micro_batch_size=args.mc_micro_batch_size,
             denom=len(batch) * accumulation, scheme=args.mask_scheme, clip=self._clip,
             max_log_ratio=args.max_log_ratio, diffu_grpo_options=diffu_grpo_options,
             spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight),
+            ref_elbos=ref_elbos, beta=self.kl_beta if ref_elbos is not None else 0.0,
+            gradient_sync=sync, backward=backward,
         )
         if isinstance(model, DistributedDataParallel) and self.accelerator.sync_gradients:
             _average_gradients(self.model)
         if result["elbo"] is not None:
             elbo = self.accelerator.gather(result["elbo"].mean(dim=0)).mean()
             self._metrics["train"]["elbo"].append(elbo.item())
+            if ref_elbos is not None:  # TRL's "kl": here k3 of the ELBO log-ratio, per response
+                x = (ref_elbos - result["elbo"]).float()
+                kl = self.accelerator.gather((torch.exp(x) - x - 1.0).mean(dim=0)).mean()
+                self._metrics["train"]["kl"].append(kl.item())
         self._step += 1
         self._current_train_step_time += time.perf_counter() - start
         if self._step % accumulation == 0:
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
         return torch.as_tensor(result["loss"], dtype=torch.float32, device=args.device)
+
+    def _deepspeed_backward(self):
+        """``(gradient_sync, backward)`` hooks for ``accumulate_policy_gradient`` under DeepSpeed: every per-sample
+        backward runs in the engine (its loss already divided by the accumulation steps, so ``scale_wrt_gas``
+        is off, as in TRL); only the last backward of a micro-step that ends an accumulation is the engine's
+        accumulation boundary, through ``accelerator.backward``, which then steps the engine."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        last = [False]
+
+        def gradient_sync(is_last: bool) -> None:
+            last[0] = is_last
+
+        def backward(loss: torch.Tensor) -> None:
+            if last[0]:
+                self.accelerator.backward(loss, scale_wrt_gas=False)
+            else:
+                engine.set_gradient_accumulation_boundary(False)
+                engine.backward(loss, scale_wrt_gas=False)
+
+        return gradient_sync, backward
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation rolls out and scores completions (TRL logs the eval rewards); no loss is computed."""

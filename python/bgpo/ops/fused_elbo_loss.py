@@ -407,6 +407,8 @@ def fused_elbo_loss(
     objective: str = "bgpo",
     clip: tuple[float, float] | None = None,
     max_log_ratio: float | None = objectives.MAX_LOG_RATIO,
+    ref_elbo: torch.Tensor | None = None,
+    beta: float = 0.0,
     softcap: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -434,6 +436,8 @@ def fused_elbo_loss(
             linear ELBO policy gradient that SPG uses for A > 0 and wd1 with its own weights as A).
         clip: optional (ε_low, ε_high): PPO-style clipping of the ratio (1 + d or e^d); default off.
         max_log_ratio: clamp on d in the exponential branch (A < 0); None disables it.
+        ref_elbo, beta: the reference policy's ℓ on the same sample (B,) and the KL coefficient: adds
+            ``beta * bgpo.objectives.elbo_kl(ℓ, ref_elbo)`` (default beta = 0: no KL).
         softcap: optional logit soft-cap ``cap * tanh(z / cap)``.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         chunk_size: rows per block of the torch and C++ backends (default: as many as fit in 2**18 logits
@@ -446,6 +450,6 @@ def fused_elbo_loss(
                       backend=backend, chunk_size=chunk_size)
     loss = objectives.per_sample_loss(
         elbo, advantages, old_elbo, objective=objective, num_samples=num_samples, denom=denom,
-        clip=clip, max_log_ratio=max_log_ratio,
+        clip=clip, max_log_ratio=max_log_ratio, ref_elbo=ref_elbo, beta=beta,
     )
     return ElboLoss(loss, elbo.detach())

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .distributed import DistributedContext
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "save_weights", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 
 _LATEST = "latest"
 
@@ -57,6 +57,22 @@ def _trainable_only(model, state: dict) -> dict:
     if len(trainable) == sum(1 for _ in model.parameters()):
         return state
     return {name: tensor for name, tensor in state.items() if name in trainable}
+
+
+def save_weights(path: str | Path, model, context: DistributedContext) -> None:
+    """The model's full state dict (FSDP2 shards gathered: collective under torchrun) as one safetensors
+    file, written by rank 0 to a temporary name and renamed into place."""
+    from safetensors.torch import save_file
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if context.is_main:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.parent / f".{path.name}.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, temporary)
+        os.replace(temporary, path)
+    if context.enabled:
+        dist.barrier()
 
 
 def save_checkpoint(directory: str | Path, *, step: int, model, optimizer, trainer_state: dict, config: dict,

@@ -82,7 +82,7 @@ class RolloutConfig:
     gen_length: int = _opt(256, "response length in tokens")
     block_length: int = _opt(32, "semi-autoregressive block length")
     steps: int = _opt(128, "diffusion steps for the whole response")
-    temperature: float = _opt(1.0, "sampling temperature for training rollouts (evaluation is greedy)")
+    temperature: float = _opt(1.0, "sampling temperature for training rollouts (evaluation: log.eval_temperature)")
     remasking: str = _opt("low_confidence", "which predictions are kept at each step", ("low_confidence", "random"))
     cfg_scale: float = _opt(0.0, "classifier-free guidance scale")
     batch_size: int | None = _opt(None, "prompts per generate call (None = the rank's share); seeds per chunk")
@@ -97,6 +97,8 @@ class PolicyConfig:
     micro_batch_size: int | None = _opt(None, "responses per forward/backward (None = the rank's whole batch)")
     clip: list | None = _opt(None, "[eps_low, eps_high] PPO-style clip of the ratio (bgpo, vrpo); None = off")
     max_log_ratio: float | None = _opt(10.0, "clamp on d before an exponential (None = off)")
+    kl_beta: float = _opt(0.0, "KL coefficient to the reference policy (the weights RL starts from; with LoRA the "
+                                "base model); 0 = no KL and no reference model")
     advantage_std: str = _opt("unbiased", "group std in the advantage", ("unbiased", "population", "none"))
     spg: dict = _opt({}, "spg_loss options: negative, beta, mix_weight")
     diffu_grpo: dict = _opt({}, "diffu_grpo options: clip_eps, prompt_mask_prob")
@@ -136,6 +138,9 @@ class LogConfig:
     progress: bool = _opt(True, "tqdm progress bar (rank 0)")
     eval_every: int = _opt(0, "evaluate held-out prompts every N steps (0 = only before and after training)")
     eval_batch_size: int = _opt(64, "held-out prompts per generate call")
+    eval_temperature: float = _opt(0.0, "sampling temperature of the held-out evaluation (0 = greedy)")
+    eval_samples: int = _opt(1, "responses per held-out prompt; the reward is their mean (needs eval_temperature > 0 "
+                                "when > 1)")
     tensorboard: bool = _opt(True, "also write TensorBoard scalars when tensorboard is installed")
 
 
@@ -190,8 +195,15 @@ class TrainConfig:
             ("policy.updates_per_batch", p.updates_per_batch, 1), ("data.eval_size", self.data.eval_size, 0),
             ("optim.max_nonfinite", self.optim.max_nonfinite, 1), ("checkpoint.keep", self.checkpoint.keep, 1),
             ("sft.steps", self.sft.steps, 0), ("log.eval_batch_size", self.log.eval_batch_size, 1),
+            ("log.eval_samples", self.log.eval_samples, 1),
         ):
             _require(value >= low, name, f"expected an int >= {low}, got {value}")
+        _require(self.log.eval_temperature >= 0, "log.eval_temperature",
+                 f"expected a float >= 0, got {self.log.eval_temperature}")
+        _require(self.log.eval_samples == 1 or self.log.eval_temperature > 0, "log.eval_samples",
+                 f"{self.log.eval_samples} samples per prompt need log.eval_temperature > 0 (greedy repeats itself)")
+        _require(p.kl_beta >= 0, "policy.kl_beta", f"expected a float >= 0, got {p.kl_beta}")
+        _require(p.kl_beta == 0 or p.objective != "spg", "policy.kl_beta", "spg takes no KL term; set it to 0")
         _require(self.optim.lr > 0, "optim.lr", f"expected a positive float, got {self.optim.lr}")
         if self.model.init is not None:
             _require(Path(self.model.init).is_file(), "model.init", f"no such file {self.model.init!r}")

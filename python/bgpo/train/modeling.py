@@ -10,13 +10,15 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..models import HFMaskedDiffusionAdapter, LLaDAConfig, LLaDAModelLM, enable_activation_checkpointing
 from .config import LoraConfig, ModelConfig
 
-__all__ = ["build_model", "apply_lora", "resolve_device", "DTYPES"]
+__all__ = ["build_model", "apply_lora", "adapters_disabled", "resolve_device", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,3 +68,18 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"lora.target_modules: none of {config.target_modules} is a module of the model")
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` without its LoRA adapters (the base model) inside the block."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

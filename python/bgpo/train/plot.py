@@ -24,16 +24,21 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path, *, smooth: int = 5) 
     import matplotlib.pyplot as plt
 
     figure, (held_out, train) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, path in runs.items():
+    decoding = "greedy"
+    for index, (label, path) in enumerate(runs.items()):
+        style = ("-", "--", ":", "-.")[index % 4]  # curves that coincide (bgpo and vrpo on-policy) stay visible
         records = read_metrics(path)
         evals = [r for r in records if r["kind"] == "eval"]
-        held_out.plot([r["step"] for r in evals], [r["reward"] for r in evals], marker="o", label=label)
+        held_out.plot([r["step"] for r in evals], [r["reward"] for r in evals], marker="o", linestyle=style,
+                      label=label)
+        if evals and evals[0].get("temperature", 0.0) > 0:
+            decoding = f"{evals[0]['samples_per_prompt']} samples/prompt at T={evals[0]['temperature']:g}"
         steps = [r["step"] for r in records if r["kind"] == "train"]
         rewards = [r["reward"] for r in records if r["kind"] == "train"]
         averaged = [sum(rewards[max(0, i - smooth + 1): i + 1]) / len(rewards[max(0, i - smooth + 1): i + 1])
                     for i in range(len(rewards))]
-        train.plot(steps, averaged, label=label)
-    held_out.set(title="held-out reward (greedy; step 0 = warm-up checkpoint)", xlabel="RL step", ylabel="reward")
+        train.plot(steps, averaged, linestyle=style, label=label)
+    held_out.set(title=f"held-out reward ({decoding}; step 0 = warm-up)", xlabel="RL step", ylabel="reward")
     train.set(title=f"training reward (rollouts, moving average of {smooth})", xlabel="RL step")
     for axis in (held_out, train):
         axis.grid(alpha=0.3)

@@ -20,6 +20,7 @@ resume, and a SIGINT/SIGTERM handler that finishes the step, checkpoints and sto
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -37,12 +38,12 @@ from ..models import find_blocks
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
 from ..rewards import get_reward
 from ..rollout import generate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
     init_distributed, shard_model
 from .metrics import MetricsWriter, peak_memory_mib
-from .modeling import DTYPES, apply_lora, build_model, resolve_device
+from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
 from .seeds import derive_seed
 from .sft import supervised_warmup
 
@@ -86,6 +87,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.context.is_main, tensorboard=config.log.tensorboard)
         self._stop_requested = False
+        self._reference = None
 
     # ------------------------------------------------------------------------------------------ data
     def _load_data(self) -> tuple[list[dict], list[dict]]:
@@ -201,22 +203,36 @@ class Trainer:
         autocast = DTYPES[c.model.autocast] if c.model.autocast else None
         common = dict(num_samples=p.num_samples, seed=mask_seed, micro_batch_size=p.micro_batch_size,
                       scheme=p.scheme, backend=p.backend, autocast=autocast)
-        old_elbos, old_logp = None, [None] * p.updates_per_batch
+        old_elbos, ref_elbos = None, None
+        old_logp, ref_logp = [None] * p.updates_per_batch, [None] * p.updates_per_batch
+        token_logprobs = functools.partial(old_policy_token_logprobs, batch=batch, seed=mask_seed,
+                                           micro_batch_size=p.micro_batch_size, autocast=autocast,
+                                           prompt_mask_prob=p.diffu_grpo.get("prompt_mask_prob", 0.15))
         if p.updates_per_batch > 1 and p.objective in ("bgpo", "vrpo"):
             old_elbos = old_policy_elbos(self.model, batch, **common)
         if p.updates_per_batch > 1 and p.objective == "diffu_grpo":
-            old_logp = [old_policy_token_logprobs(
-                self.model, batch, seed=mask_seed, iteration=u, micro_batch_size=p.micro_batch_size,
-                prompt_mask_prob=p.diffu_grpo.get("prompt_mask_prob", 0.15), autocast=autocast,
-            ) for u in range(p.updates_per_batch)]
-        losses, elbos, grad_norms, skipped = [], [], [], 0
+            old_logp = [token_logprobs(self.model, iteration=u) for u in range(p.updates_per_batch)]
+        if p.kl_beta > 0:
+            with self._reference_policy() as reference:
+                if p.objective == "diffu_grpo":
+                    ref_logp = [token_logprobs(reference, iteration=u) for u in range(p.updates_per_batch)]
+                else:
+                    ref_elbos = old_policy_elbos(reference, batch, **common)
+        kl = dict(beta=p.kl_beta, ref_elbos=ref_elbos) if ref_elbos is not None else {}
+
+        def diffu_grpo_options(update: int) -> dict:
+            options = {**p.diffu_grpo, "iteration": update, "old_logp": old_logp[update]}
+            if p.kl_beta > 0:
+                options.update(ref_logp=ref_logp[update], beta=p.kl_beta)
+            return options
+
+        losses, elbos, kls, grad_norms, skipped = [], [], [], [], 0
         for update in range(p.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             out = accumulate_policy_gradient(
                 self.model, batch, objective=p.objective, old_elbos=old_elbos,
                 clip=tuple(p.clip) if p.clip else None, max_log_ratio=p.max_log_ratio,
-                diffu_grpo_options={**p.diffu_grpo, "iteration": update, "old_logp": old_logp[update]},
-                spg_options=p.spg, gradient_sync=self._gradient_sync(), **common,
+                diffu_grpo_options=diffu_grpo_options(update), spg_options=p.spg, gradient_sync=self._gradient_sync(), **kl, **common,
             )
             all_reduce_gradients(self.model, self.context)
             loss = float(all_reduce(torch.tensor([out["loss"]], dtype=torch.float64), self.context).item())
@@ -234,16 +250,41 @@ class Trainer:
             if out["elbo"] is not None:
                 lengths = batch.response_mask.sum(dim=1).clamp_min(1).float()
                 elbos.append((out["elbo"].float().mean(dim=0) / lengths).mean().item())
+            if ref_elbos is not None:  # k3 of the ELBO log-ratio to the reference, per response
+                x = (ref_elbos - out["elbo"]).float()
+                kls.append((torch.exp(x) - x - 1.0).mean().item())
         self.step += 1
         totals = all_reduce(torch.tensor([rewards.sum().item(), float(N)], dtype=torch.float64), self.context)
         lengths = all_reduce(batch.response_mask.sum().double().reshape(1).cpu(), self.context)
         return {
             "kind": "train", "step": self.step, "reward": float(totals[0] / totals[1]),
             "loss": _mean(losses), "elbo_per_token": _mean(elbos), "grad_norm": _mean(grad_norms),
+            **({"kl": _mean(kls)} if kls else {}),
             "response_length": float(lengths[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0],
             "skipped_updates": skipped, "nonfinite_total": self.nonfinite_total,
             "step_time_s": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(self.device),
         }
+
+    @contextlib.contextmanager
+    def _reference_policy(self):
+        """The KL's reference policy, frozen: with LoRA the policy itself with its adapters switched off (the
+        base model, no second copy); otherwise a copy of the weights RL started from (built like the policy,
+        then the warm-up's weights if a warm-up ran), made once and sharded like the policy."""
+        if self.config.lora.enabled:
+            with adapters_disabled(self.model):
+                yield self.model
+            return
+        if self._reference is None:
+            c = self.config
+            reference = build_model(c.model, seed=c.seed, device=self.device, mask_token_id=self.mask_id,
+                                    eos_token_id=self.eos_id)
+            if c.sft.steps > 0:
+                from safetensors.torch import load_file
+
+                reference.load_state_dict(load_file(self.output_dir / "warmup.safetensors", device=str(self.device)))
+            reference.requires_grad_(False).eval()
+            self._reference = shard_model(reference, find_blocks(reference), self.context)
+        yield self._reference
 
     def _gradient_sync(self):
         """FSDP2: reduce-scatter only in the last backward of an update."""
@@ -273,25 +314,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        """Greedy responses to the held-out prompts: mean reward and accuracy (reward >= 1)."""
-        examples = self.eval_examples
+        """Held-out reward and accuracy (reward >= 1) of ``log.eval_samples`` responses per prompt, decoded at
+        ``log.eval_temperature`` (0 = greedy).  The sampling seed is fixed, so evaluations of successive
+        checkpoints are paired (same noise), which makes their differences less noisy than each value."""
+        examples, log = self.eval_examples, self.config.log
         if not examples:
             return {}
         world = self.context.world_size
         per_rank = -(-len(examples) // world)  # every rank runs the same number of forward passes
         indices = [i % len(examples) for i in range(self.context.rank * per_rank, (self.context.rank + 1) * per_rank)]
         valid = torch.tensor([self.context.rank * per_rank + k < len(examples) for k in range(per_rank)],
-                             dtype=torch.float64)
+                             dtype=torch.float64).repeat_interleave(log.eval_samples)
         chosen = [examples[i] for i in indices]
-        rolled = self.rollout(chosen, group_size=1, temperature=0.0, seed_parts=(self.config.seed, -1),
-                              first_index=self.context.rank * per_rank,
-                              chunk=min(self.config.log.eval_batch_size, per_rank))
+        rolled = self.rollout(chosen, group_size=log.eval_samples, temperature=log.eval_temperature,
+                              seed_parts=(self.config.seed, -1), first_index=self.context.rank * per_rank,
+                              chunk=min(log.eval_batch_size, per_rank))
         rewards, _ = self.score(rolled["completions"], chosen)
         rewards = rewards.double()
         totals = all_reduce(torch.stack([(rewards * valid).sum(), ((rewards >= 1.0).double() * valid).sum(),
                                          valid.sum()]), self.context)
         return {"kind": "eval", "step": self.step, "reward": float(totals[0] / totals[2]),
-                "accuracy": float(totals[1] / totals[2]), "prompts": int(totals[2]),
+                "accuracy": float(totals[1] / totals[2]), "prompts": int(totals[2]) // log.eval_samples,
+                "samples_per_prompt": log.eval_samples, "temperature": log.eval_temperature,
                 "example": rolled["completions"][0] if self.context.is_main else ""}
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -320,7 +364,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ a run
     def warm_up(self) -> None:
-        """The supervised warm-up (``sft``); a single process also saves ``output_dir/warmup.safetensors``."""
+        """The supervised warm-up (``sft``), then its weights to ``output_dir/warmup.safetensors`` (a
+        ``model.init`` to start other RL runs from)."""
         c = self.config
 
         def encode(examples):
@@ -334,12 +379,7 @@ class Trainer:
                                    progress=c.log.progress)
         self.warmed_up = True
         self.metrics.write({"kind": "warmup", "step": 0, "loss": losses[-1], "steps": len(losses)})
-        if self.context.is_main and not self.context.enabled:
-            from safetensors.torch import save_file
-
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                      self.output_dir / "warmup.safetensors")
+        save_weights(self.output_dir / "warmup.safetensors", self.model, self.context)
 
     def request_stop(self, *_) -> None:
         """Finish the current step, checkpoint and stop (the SIGINT/SIGTERM handler)."""
