@@ -153,6 +153,24 @@ def test_signal_finishes_the_step_checkpoints_and_stops(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is not trainer.request_stop
 
 
+def test_signal_during_the_warm_up_stops_after_the_current_step(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, "sft.steps=20", "sft.batch_size=4"))
+    steps = []
+    forward = trainer.model.hidden_states
+
+    def forward_then_signal(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "hidden_states", forward_then_signal)
+    result = trainer.train()
+    assert result == {"kind": "warmup", "stopped": True} and len(steps) == 3
+    assert not trainer.warmed_up and not (tmp_path / "warmup.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is not trainer.request_stop
+
+
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "optim.max_nonfinite=2"))
     original = trainer_module.accumulate_policy_gradient
@@ -203,3 +221,27 @@ def test_warm_up_saves_a_checkpoint_to_start_rl_from(tmp_path):
     again = Trainer(tiny_config(tmp_path / "b", f"model.init={tmp_path / 'warmup.safetensors'}"))
     for (name, a), (_, b) in zip(trainer.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_hugging_face_checkpoint_trains_through_the_adapter(tmp_path, monkeypatch):
+    """``model.path`` + ``model.hf``: a saved transformers model and tokenizer, loaded and driven through
+    ``HFMaskedDiffusionAdapter`` (a tiny Llama made bidirectional, see tests/trl_tiny.py)."""
+    pytest.importorskip("transformers")
+    import trl_tiny
+
+    checkpoint = tmp_path / "checkpoint"
+    trl_tiny.model().save_pretrained(checkpoint)
+    trl_tiny.tokenizer().save_pretrained(checkpoint)
+    (tmp_path / "letters.py").write_text("def distinct(completion, example):\n    return len(set(completion)) / 8\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = Trainer(load_config(None, [
+        f"model.path={checkpoint}", "model.hf=true", "reward=letters:distinct", "data.prompt_template=a+{puzzle}=",
+        "data.train_size=16", "data.eval_size=2", "rollout.group_size=4", "rollout.gen_length=8",
+        "rollout.block_length=8", "rollout.steps=4", "policy.num_samples=2", "batch_size=2", "steps=2",
+        "optim.lr=1e-2", "log.progress=false", "log.tensorboard=false", f"output_dir={tmp_path / 'run'}"]))
+    assert type(trainer.model).__name__ == "HFMaskedDiffusionAdapter"
+    assert trainer.mask_id == trl_tiny.VOCAB["<mask>"]
+    before = parameters(trainer.model)
+    result = trainer.train()
+    assert result["kind"] == "eval"
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())

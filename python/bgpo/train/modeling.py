@@ -55,14 +55,21 @@ def build_model(config: ModelConfig, *, seed: int, device: torch.device, mask_to
     return model
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Inject LoRA adapters in place (``peft.inject_adapter_in_model``) and freeze everything else."""
+def apply_lora(model: nn.Module, config: LoraConfig, *, seed: int) -> nn.Module:
+    """Inject LoRA adapters in place (``peft.inject_adapter_in_model``) and freeze everything else.
+
+    The adapters' random initialisation is seeded, so every rank (and a single process) gets the same
+    ones: FSDP2 shards each rank's own copy without broadcasting it.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     lora = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=list(config.target_modules), bias="none")
-    model = inject_adapter_in_model(lora, model)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = inject_adapter_in_model(lora, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     if not any(p.requires_grad for p in model.parameters()):

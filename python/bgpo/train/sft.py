@@ -34,8 +34,10 @@ def supervised_warmup(
     context: DistributedContext,
     device: torch.device,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[float]:
-    """Run ``config.steps`` warm-up steps; return the loss of each.
+    """Run ``config.steps`` warm-up steps; return the loss of each (fewer when ``should_stop()``, asked
+    after every step, says to stop).
 
     ``encode(examples)`` gives ``(prompt_ids (B, P), prompt attention mask or None, targets (B, L))``.
     Each rank trains on its share of every step's ``config.batch_size`` examples.
@@ -75,4 +77,7 @@ def supervised_warmup(
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if should_stop is not None and should_stop():
+            break
+    bar.close()
     return losses

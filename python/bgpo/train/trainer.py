@@ -68,7 +68,7 @@ class Trainer:
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
         if config.lora.enabled:
-            self.model = apply_lora(self.model, config.lora)
+            self.model = apply_lora(self.model, config.lora, seed=derive_seed(config.seed, -3))
         if self.context.strategy == "ddp":
             broadcast_parameters(self.model)
         self.model = shard_model(self.model, find_blocks(self.model), self.context)
@@ -376,7 +376,9 @@ class Trainer:
 
         losses = supervised_warmup(self.model, self.parameters, c.sft, encode=encode, examples=self.train_examples,
                                    seed=derive_seed(c.seed, -2), context=self.context, device=self.device,
-                                   progress=c.log.progress)
+                                   progress=c.log.progress, should_stop=self._stop_agreed)
+        if len(losses) < c.sft.steps:  # stopped by a signal: nothing of a partial warm-up is kept
+            return
         self.warmed_up = True
         self.metrics.write({"kind": "warmup", "step": 0, "loss": losses[-1], "steps": len(losses)})
         save_weights(self.output_dir / "warmup.safetensors", self.model, self.context)
@@ -405,13 +407,18 @@ class Trainer:
         c = self.config
         if c.checkpoint.resume and self.resume() and self.context.is_main:
             tqdm.write(f"resumed from step {self.step}")
-        if not self.warmed_up:
-            self.warm_up()  # short; a signal here ends the run without a checkpoint
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         last: dict = {}
         try:
+            if not self.warmed_up:
+                self.warm_up()
+                if not self.warmed_up:  # the warm-up is short and starts over: no checkpoint of it
+                    if self.context.is_main:
+                        tqdm.write("stopped by signal during the supervised warm-up; nothing saved (a new run "
+                                   "starts the warm-up over)")
+                    return {"kind": "warmup", "stopped": True}
             if self.step == 0:
                 self._log(last := self.evaluate())
             bar = tqdm(total=c.steps, initial=self.step, desc=f"{c.policy.objective}", dynamic_ncols=True,
