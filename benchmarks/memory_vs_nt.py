@@ -152,7 +152,7 @@ def simulate(args, objective, n_t):
                 from bgpo.train.config import LoraConfig
                 from bgpo.train.modeling import apply_lora
 
-                apply_lora(model, LoraConfig(r=args.lora_rank))
+                apply_lora(model, LoraConfig(r=args.lora_rank), seed=0)
     finally:
         torch.set_default_dtype(default_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):  # to_empty reads the meta parameters' shapes

@@ -258,7 +258,7 @@ def test_elbo_kl_is_k3_of_the_elbo_log_ratio_and_its_gradient_pulls_toward_the_r
     loss = objectives.per_sample_loss(elbo, torch.zeros(3), objective="bgpo", num_samples=n_t, denom=5,
                                       ref_elbo=ref, beta=beta)
     loss.backward()
-    # ∂/∂ℓ of β k3(ref - ℓ) / (n_t D) = β (1 - e^x) / (n_t D): negative (pull up) where ℓ < ref, 0 at ℓ = ref
+    # ∂/∂ℓ of β k3(ref - ℓ)/(n_t D) = β (1 - e^x)/(n_t D): negative (pull up) where ℓ < ref, 0 at ℓ = ref
     torch.testing.assert_close(elbo.grad, beta * (1 - torch.exp(x)) / (n_t * 5))
     assert elbo.grad[0] < 0 < elbo.grad[1] and elbo.grad[2] == 0
 

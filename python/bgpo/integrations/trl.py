@@ -80,8 +80,9 @@ class DiffusionGRPOConfig(GRPOConfig):
     Field names shared with d1's ``DiffuGRPOConfig`` (``block_length``, ``diffusion_steps``,
     ``remasking``, ``cfg_scale``, ``mask_id``, ``p_mask_prompt``) keep d1's meaning. ``epsilon`` is the
     clip range of ``diffu_grpo`` and, with ``clip_bound``, of the BGPO / VRPO ratios (upper bound
-    ``epsilon_high`` when set). ``beta`` is the KL coefficient (default 0; not with ``spg``). TRL options that concern autoregressive log-probs (``loss_type``,
-    ``importance_sampling_level``, entropy terms, ...) have no effect.
+    ``epsilon_high`` when set). ``beta`` is the KL coefficient (default 0; not with ``spg``). TRL options
+    that concern autoregressive log-probs (``loss_type``, ``importance_sampling_level``, entropy terms,
+    ...) have no effect.
     """
 
     objective: str = field(default="bgpo", metadata={"help": f"Policy objective, one of {OBJECTIVES}."})
@@ -284,6 +285,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             output.update(self._statistics(self.policy, output, "ref"))
 
     def _statistics(self, model, output: dict, prefix: str) -> dict:
+        """``{prefix}_elbos`` (N, n_t) or, for diffu_grpo, ``{prefix}_logps`` (N, μ, T) of ``model``, no grad."""
         batch = self._policy_batch(output)
         seed = int(output["mask_seed"][0])
         args = self.args

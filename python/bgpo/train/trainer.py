@@ -232,7 +232,8 @@ class Trainer:
             out = accumulate_policy_gradient(
                 self.model, batch, objective=p.objective, old_elbos=old_elbos,
                 clip=tuple(p.clip) if p.clip else None, max_log_ratio=p.max_log_ratio,
-                diffu_grpo_options=diffu_grpo_options(update), spg_options=p.spg, gradient_sync=self._gradient_sync(), **kl, **common,
+                diffu_grpo_options=diffu_grpo_options(update), spg_options=p.spg,
+                gradient_sync=self._gradient_sync(), **kl, **common,
             )
             all_reduce_gradients(self.model, self.context)
             loss = float(all_reduce(torch.tensor([out["loss"]], dtype=torch.float64), self.context).item())
