@@ -37,8 +37,10 @@ def _gradients(run: Path) -> dict:
     return {name: s["exp_avg"] for name, s in state.items()}
 
 
-@pytest.mark.parametrize("strategy, extra", [("fsdp", []), ("ddp", []), ("fsdp", ["lora.enabled=true", "lora.r=4"])],
-                         ids=["fsdp", "ddp", "fsdp-lora"])
+@pytest.mark.parametrize("strategy, extra", [
+    ("fsdp", []), ("ddp", []), ("fsdp", ["lora.enabled=true", "lora.r=4"]),
+    ("fsdp", ["policy.kl_beta=0.1"]),  # the reference model is sharded like the policy
+], ids=["fsdp", "ddp", "fsdp-lora", "fsdp-kl"])
 def test_two_ranks_match_one_process(tmp_path, strategy, extra, monkeypatch):
     # A reward that varies between the random model's responses, so the advantages are not all zero.
     (tmp_path / "variety.py").write_text("def distinct(completion, example):\n    return len(set(completion)) / 16\n")
@@ -62,7 +64,7 @@ def test_two_ranks_match_one_process(tmp_path, strategy, extra, monkeypatch):
     initial = LLaDAModelLM(LLaDAConfig.preset("tiny")).state_dict()
     moved = [k for k in one if (not torch.equal(initial[k], one[k]) if k in initial else bool(one[k].any()))]
     assert moved, "the step did not move the parameters"  # (LoRA: only adapters are saved; lora_B starts at 0)
-    assert not extra or all("lora_" in k for k in one)
+    assert "lora.enabled=true" not in extra or all("lora_" in k for k in one)
 
 
 def test_warm_up_under_torchrun_saves_the_gathered_weights(tmp_path):
