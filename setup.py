@@ -36,7 +36,7 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # bgpo.integrations.trl overrides private GRPOTrainer methods: pinned to the tested minor release
         "trl": ["trl>=1.16,<1.17"],
-        # DeepSpeed ZeRO-1/2 under the TRL trainer (tested on the CPU with gloo at this release)
+        # DeepSpeed ZeRO-1/2/3 under the TRL trainer (tested on the CPU with gloo at this release)
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "train": ["transformers>=4.46", "safetensors>=0.4", "pyyaml", "tqdm", "datasets", "math-verify", "peft"],
     },

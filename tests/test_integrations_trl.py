@@ -29,6 +29,8 @@ def _offline(monkeypatch):
     ("bgpo", dict(num_iterations=2)),  # off-policy: old ELBOs computed at rollout, masks regenerated
     ("diffu_grpo", dict(num_iterations=2)),
     ("wd1", {}),
+    ("vrpo", dict(num_iterations=2)),
+    ("spg", {}),
 ])
 def test_a_few_steps_train(tmp_path, objective, extra):
     trainer = trl_tiny.trainer(tmp_path, objective=objective, **extra)
@@ -119,11 +121,12 @@ def _launch(tmp_path, name, *overrides, env_extra=None):
     return [torch.load(f"{out}.rank{rank}.pt") for rank in range(2)]
 
 
-def test_ddp_and_deepspeed_zero2_over_two_processes_agree(tmp_path):
+def test_ddp_and_deepspeed_zero2_and_zero3_over_two_processes_agree(tmp_path):
     """Both ranks end with the same parameters (gradients were reduced), different from the initial ones; and
-    DeepSpeed ZeRO-2, whose engine runs every per-sample backward, reaches the parameters DDP reaches."""
+    DeepSpeed ZeRO-2 and ZeRO-3, whose engine runs every per-sample backward (ZeRO-3 with the LM head
+    gathered for the fused op), reach the parameters DDP reaches."""
     # fp32 (TRL defaults to bf16, which DeepSpeed applies to the weights) and SGD (Adam's first steps turn
-    # float noise in a ~0 gradient into a step of lr), so the two runs must agree to float precision.
+    # float noise in a ~0 gradient into a step of lr), so the runs must agree to float precision.
     common = ["per_device_train_batch_size=4", "max_steps=2", "gradient_accumulation_steps=2", "num_mc_samples=3",
               "bf16=false", "optim=sgd", "learning_rate=0.5"]
     ddp = _launch(tmp_path, "ddp", *common)
@@ -132,12 +135,14 @@ def test_ddp_and_deepspeed_zero2_over_two_processes_agree(tmp_path):
         torch.testing.assert_close(ddp[1][name], value, msg=name)
     assert any(not torch.equal(value, initial[name].detach()) for name, value in ddp[0].items())
     pytest.importorskip("deepspeed")
-    zero2 = ("deepspeed={zero_optimization: {stage: 2}, train_micro_batch_size_per_gpu: auto, "
-             "gradient_accumulation_steps: auto, train_batch_size: auto, gradient_clipping: auto}")
-    deepspeed = _launch(tmp_path, "deepspeed", *common, zero2)
-    for name, value in ddp[0].items():
-        torch.testing.assert_close(deepspeed[1][name], deepspeed[0][name], msg=name)
-        torch.testing.assert_close(deepspeed[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for stage in (2, 3):
+        config = (f"deepspeed={{zero_optimization: {{stage: {stage}}}, train_micro_batch_size_per_gpu: auto, "
+                  "gradient_accumulation_steps: auto, train_batch_size: auto, gradient_clipping: auto}")
+        deepspeed = _launch(tmp_path, f"zero{stage}", *common, config)
+        assert deepspeed[0].keys() == ddp[0].keys()
+        for name, value in ddp[0].items():
+            torch.testing.assert_close(deepspeed[1][name], deepspeed[0][name], msg=f"ZeRO-{stage} {name}")
+            torch.testing.assert_close(deepspeed[0][name], value, rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} {name}")
 
 
 @pytest.mark.parametrize("field, value", [

@@ -1,6 +1,7 @@
 """A tiny masked diffusion LM, tokenizer, prompts and reward for the TRL integration's tests, built without a
 download; run as a script (``torchrun ... tests/trl_tiny.py OUT.pt [key=value ...]``) it trains a few steps
 with ``DiffusionGRPOTrainer`` and saves the final parameters, for the multi-process tests."""
+import contextlib
 import sys
 
 import datasets
@@ -64,9 +65,18 @@ def main(argv: list[str]) -> None:
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in argv[1:])}
     run = trainer(argv[0] + ".run", **overrides)
     run.train()
-    unwrapped = run.accelerator.unwrap_model(run.model_wrapped)
-    torch.save({name: p.detach().float().cpu() for name, p in unwrapped.named_parameters()},
-               f"{argv[0]}.rank{run.accelerator.process_index}.pt")
+    parameters = dict(run.accelerator.unwrap_model(run.model_wrapped).named_parameters())
+    gathered = contextlib.nullcontext()
+    if run.is_deepspeed_enabled:  # ZeRO-3 partitions the parameters: gather them to save them whole
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(parameters.values()))
+    with gathered:
+        torch.save({name: p.detach().float().cpu().clone() for name, p in parameters.items()},
+                   f"{argv[0]}.rank{run.accelerator.process_index}.pt")
+    # Leave the process group before exit: a rank that exits while the other still talks to it aborts.
+    run.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,16 +34,17 @@ log-probs) are computed once per rollout and kept as scalars; the k3 penalty of
 ``bgpo.objectives.elbo_kl`` joins each per-sample loss. TRL itself is run with ``beta = 0`` (its
 reference model scores autoregressive log-probs, which a diffusion LM does not have).
 
-Distributed: single process, DDP and DeepSpeed ZeRO stages 1 and 2 (``accelerate launch``, multi-GPU
-or CPU). The forwards run on the unwrapped model. Under DDP its per-backward hooks stay idle and the
+Distributed: single process, DDP and DeepSpeed ZeRO 1, 2 and 3 (``accelerate launch``, multi-GPU or
+CPU). The forwards run on the unwrapped model. Under DDP its per-backward hooks stay idle and the
 trainer averages the gradients across ranks itself, once, at the last micro-step of each optimizer
 step. Under DeepSpeed every per-sample ``backward`` goes through the engine, and only the last one of
-the micro-step that ends an accumulation is the engine's accumulation boundary (where it steps).
-ZeRO-3 partitions the LM head, which the fused op reads outside the head's forward, and FSDP is not
-supported: both raise ``NotImplementedError``.
+the micro-step that ends an accumulation is the engine's accumulation boundary (where it steps). Under
+ZeRO-3 the LM head is gathered for the whole rollout and update (the sampler and the fused op read it
+outside the head's forward; V x H more memory per rank). FSDP is not supported (``NotImplementedError``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -211,14 +212,10 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             args.beta = kl_beta
         if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "DiffusionGRPOTrainer supports single process, DDP and DeepSpeed ZeRO-1/2; under FSDP the "
+                "DiffusionGRPOTrainer supports single process, DDP and DeepSpeed ZeRO-1/2/3; under FSDP the "
                 "per-sample backward passes and the fused LM head are not wired to the sharded model"
             )
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError(
-                "DiffusionGRPOTrainer supports DeepSpeed ZeRO stages 1 and 2: ZeRO-3 partitions the LM head, "
-                "which the fused ELBO op reads outside the head's forward"
-            )
+        self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         self.policy = HFMaskedDiffusionAdapter(self.model, tokenizer=self._tokenizer, mask_token_id=args.mask_id)
         self.kl_beta = kl_beta
         self.reference = None if reference is None else HFMaskedDiffusionAdapter(
@@ -240,7 +237,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             ids[row, width - len(tokens):] = torch.as_tensor(tokens, dtype=torch.long)
             attention[row, width - len(tokens):] = 1
         device = self.accelerator.device
-        with torch.no_grad():
+        with torch.no_grad(), self._head_gathered():
             out = generate(self.policy, ids.to(device), attention_mask=attention.to(device),
                            gen_length=self.args.max_completion_length, block_length=self.args.block_length,
                            steps=self.args.diffusion_steps, temperature=self.temperature,
@@ -274,14 +271,15 @@ class DiffusionGRPOTrainer(GRPOTrainer):
     def _add_old_policy_statistics(self, output: dict) -> None:
         """The old policy's ELBO terms ``old_elbos`` (N, n_t), or for diffu_grpo its per-token log-probs
         ``old_logps`` (N, μ, T) under each inner iteration's one-step mask; kept as scalars, masks regenerated."""
-        output.update(self._statistics(self.policy, output, "old"))
+        with self._head_gathered():
+            output.update(self._statistics(self.policy, output, "old"))
 
     def _add_reference_statistics(self, output: dict) -> None:
         """The same statistics under the KL's reference policy: ``ref_elbos`` or ``ref_logps``."""
         if self.reference is not None:
             output.update(self._statistics(self.reference, output, "ref"))
             return
-        with self.accelerator.unwrap_model(self.model).disable_adapter():
+        with self.accelerator.unwrap_model(self.model).disable_adapter(), self._head_gathered():
             output.update(self._statistics(self.policy, output, "ref"))
 
     def _statistics(self, model, output: dict, prefix: str) -> dict:
@@ -348,15 +346,16 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             if "ref_logps" in inputs:
                 diffu_grpo_options.update(ref_logp=inputs["ref_logps"][:, iteration], beta=self.kl_beta)
         sync, backward = self._deepspeed_backward() if self.is_deepspeed_enabled else (None, None)
-        result = accumulate_policy_gradient(
-            self.policy, batch, objective=args.objective, num_samples=args.num_mc_samples,
-            seed=int(inputs["mask_seed"][0]), old_elbos=old_elbos, micro_batch_size=args.mc_micro_batch_size,
-            denom=len(batch) * accumulation, scheme=args.mask_scheme, clip=self._clip,
-            max_log_ratio=args.max_log_ratio, diffu_grpo_options=diffu_grpo_options,
-            spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight),
-            ref_elbos=ref_elbos, beta=self.kl_beta if ref_elbos is not None else 0.0,
-            gradient_sync=sync, backward=backward,
-        )
+        with self._head_gathered():
+            result = accumulate_policy_gradient(
+                self.policy, batch, objective=args.objective, num_samples=args.num_mc_samples,
+                seed=int(inputs["mask_seed"][0]), old_elbos=old_elbos, micro_batch_size=args.mc_micro_batch_size,
+                denom=len(batch) * accumulation, scheme=args.mask_scheme, clip=self._clip,
+                max_log_ratio=args.max_log_ratio, diffu_grpo_options=diffu_grpo_options,
+                spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight),
+                ref_elbos=ref_elbos, beta=self.kl_beta if ref_elbos is not None else 0.0,
+                gradient_sync=sync, backward=backward,
+            )
         if isinstance(model, DistributedDataParallel) and self.accelerator.sync_gradients:
             _average_gradients(self.model)
         if result["elbo"] is not None:
@@ -373,6 +372,17 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             self._current_train_step_time = 0.0
         return torch.as_tensor(result["loss"], dtype=torch.float32, device=args.device)
 
+    def _head_gathered(self):
+        """Under ZeRO-3, the LM head gathered on every rank for the block: the sampler and the fused ELBO op
+        read it outside the head's forward, where DeepSpeed's hooks would gather it. Its gradient still goes
+        through DeepSpeed's reduce-scatter hooks, and the full copy is dropped on exit."""
+        if not self._zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        head = [p for p in (self.policy.lm_head_weight, self.policy.lm_head_bias) if p is not None]
+        return deepspeed.zero.GatheredParameters(head, modifier_rank=None)
+
     def _deepspeed_backward(self):
         """``(gradient_sync, backward)`` hooks for ``accumulate_policy_gradient`` under DeepSpeed: every per-sample
         backward runs in the engine (its loss already divided by the accumulation steps, so ``scale_wrt_gas``
@@ -385,6 +395,10 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             last[0] = is_last
 
         def backward(loss: torch.Tensor) -> None:
+            # What engine.forward does before each backward (our forwards bypass the engine): without it ZeRO
+            # takes every backward of an accumulation for the first one and overwrites the gradient.
+            if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+                engine.optimizer.clear_backward_seen_flag()
             if last[0]:
                 self.accelerator.backward(loss, scale_wrt_gas=False)
             else:
