@@ -108,15 +108,20 @@ def test_kl_with_lora_uses_the_base_model_as_reference(tmp_path):
     assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = Trainer(tiny_config(tmp_path / "straight", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"))
+@pytest.mark.parametrize("extra", [[], ["policy.kl_beta=0.5", "sft.steps=2", "sft.batch_size=4"]],
+                         ids=["plain", "kl-after-warm-up"])
+def test_resume_continues_exactly(tmp_path, extra):
+    """With KL the resumed run rebuilds its reference from the warm-up's weights, not from the checkpoint."""
+    options = ["steps=4", "optim.schedule=cosine", "optim.warmup_steps=1", *extra]
+    straight = Trainer(tiny_config(tmp_path / "straight", *options))
     straight.train()
-    first = Trainer(tiny_config(tmp_path / "resumed", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1"))
+    first = Trainer(tiny_config(tmp_path / "resumed", *options))
+    if not first.warmed_up:
+        first.warm_up()
     first.train_step(), first.train_step()
     first.save_checkpoint()
     del first
-    resumed = Trainer(tiny_config(tmp_path / "resumed", "steps=4", "optim.schedule=cosine", "optim.warmup_steps=1",
-                                  "checkpoint.resume=true"))
+    resumed = Trainer(tiny_config(tmp_path / "resumed", *options, "checkpoint.resume=true"))
     resumed.train()
     assert resumed.step == 4
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
