@@ -46,6 +46,7 @@ __all__ = [
     "bgpo_loss",
     "elbo_pg_loss",
     "elbo_kl",
+    "k3",
     "per_sample_loss",
     "vrpo_loss",
     "diffu_grpo_loss",
@@ -154,6 +155,11 @@ def elbo_pg_loss(elbo, advantages, *, num_samples, denom=None) -> torch.Tensor:
     return -(advantages * elbo).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
 
+def k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Schulman's KL estimator ``e^x - x - 1 >= 0`` of ``x = log π_ref - log π`` (elementwise)."""
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
 def elbo_kl(elbo, ref_elbo, *, num_samples, denom=None, max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
     """``(1/(n_t D)) Σ_b k3(ℓ_b^ref - ℓ_b)``: one MC sample's share of the KL to the reference policy.
 
@@ -164,7 +170,7 @@ def elbo_kl(elbo, ref_elbo, *, num_samples, denom=None, max_log_ratio=MAX_LOG_RA
     _check_max_log_ratio(max_log_ratio)
     elbo = elbo.float()
     x = _clamp_max(_check_vector("ref_elbo", ref_elbo, elbo) - elbo, max_log_ratio)
-    return (torch.exp(x) - x - 1.0).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
+    return k3(x).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
 
 def _check_kl(name: str, ref, beta) -> bool:
@@ -259,7 +265,7 @@ def diffu_grpo_loss(
         if ref_logp is None:
             raise ValueError("ref_logp: required when beta > 0 (the k3 KL is to the reference policy)")
         delta = _check_vector("ref_logp", ref_logp, logp) - logp
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1.0)
+        per_token = per_token + beta * k3(delta)
     weights = response_mask.float()
     per_response = (per_token * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     return per_response.sum() / _check_denom(denom, logp.shape[0])

@@ -63,7 +63,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     ) from error
 
 from ..models import HFMaskedDiffusionAdapter
-from ..objectives import MAX_LOG_RATIO, SPG_NEGATIVE
+from ..objectives import MAX_LOG_RATIO, SPG_NEGATIVE, k3
 from ..policy_update import OBJECTIVES, PolicyBatch, accumulate_policy_gradient, old_policy_elbos
 from ..policy_update import old_policy_token_logprobs
 from ..rollout import generate
@@ -362,8 +362,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             elbo = self.accelerator.gather(result["elbo"].mean(dim=0)).mean()
             self._metrics["train"]["elbo"].append(elbo.item())
             if ref_elbos is not None:  # TRL's "kl": here k3 of the ELBO log-ratio, per response
-                x = (ref_elbos - result["elbo"]).float()
-                kl = self.accelerator.gather((torch.exp(x) - x - 1.0).mean(dim=0)).mean()
+                kl = self.accelerator.gather(k3((ref_elbos - result["elbo"]).float()).mean(dim=0)).mean()
                 self._metrics["train"]["kl"].append(kl.item())
         self._step += 1
         self._current_train_step_time += time.perf_counter() - start

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..data import PromptOrder, TASK_PROMPTS, encode_prompts, encode_responses, format_prompt, load_examples, \
     load_tokenizer
 from ..estimators import group_advantages
+from ..objectives import k3
 from ..models import find_blocks
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
 from ..rewards import get_reward
@@ -252,8 +253,7 @@ class Trainer:
                 lengths = batch.response_mask.sum(dim=1).clamp_min(1).float()
                 elbos.append((out["elbo"].float().mean(dim=0) / lengths).mean().item())
             if ref_elbos is not None:  # k3 of the ELBO log-ratio to the reference, per response
-                x = (ref_elbos - out["elbo"]).float()
-                kls.append((torch.exp(x) - x - 1.0).mean().item())
+                kls.append(k3((ref_elbos - out["elbo"]).float()).mean().item())
         self.step += 1
         totals = all_reduce(torch.tensor([rewards.sum().item(), float(N)], dtype=torch.float64), self.context)
         lengths = all_reduce(batch.response_mask.sum().double().reshape(1).cpu(), self.context)
