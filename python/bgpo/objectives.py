@@ -178,7 +178,7 @@ def _check_kl(name: str, ref, beta) -> bool:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"beta: expected a float >= 0 (the KL coefficient), got {beta!r}")
     if beta > 0 and ref is None:
-        raise ValueError(f"{name}: required when beta > 0 (the KL is to the reference policy's ELBO terms)")
+        raise ValueError(f"{name}: required when beta > 0 (the k3 KL is to the reference policy)")
     return beta > 0
 
 
@@ -254,16 +254,13 @@ def diffu_grpo_loss(
         raise ValueError(f"response_mask: expected shape {tuple(logp.shape)}, got {tuple(response_mask.shape)}")
     if not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps: expected a float in (0, 1), got {clip_eps!r}")
-    if beta < 0:
-        raise ValueError(f"beta: expected a float >= 0, got {beta!r}")
+    use_kl = _check_kl("ref_logp", ref_logp, beta)
     logp = logp.float()
     advantages = _check_vector("advantages", advantages, logp[:, 0]).unsqueeze(1)
     old = logp.detach() if old_logp is None else _check_vector("old_logp", old_logp, logp)
     ratio = torch.exp(logp - old)
     per_token = -_clipped(ratio, advantages, (clip_eps, clip_eps))
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("ref_logp: required when beta > 0 (the k3 KL is to the reference policy)")
+    if use_kl:
         delta = _check_vector("ref_logp", ref_logp, logp) - logp
         per_token = per_token + beta * k3(delta)
     weights = response_mask.float()
