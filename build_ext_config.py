@@ -11,7 +11,9 @@ Environment switches (README, "Building the extension"):
 ``BGPO_SKIP_EXTENSION=1``   build no extension at all (pure-Python install).
 ``BGPO_SKIP_CUDA_BUILD=1``  build the CPU extension only, even when a CUDA toolkit is present.
 ``BGPO_FORCE_CUDA_BUILD=1`` fail instead of silently skipping CUDA when torch or the toolkit lacks CUDA.
-``TORCH_CUDA_ARCH_LIST``    GPU architectures (default ``8.0;9.0``: A100, H100; add e.g. ``9.0+PTX``).
+``TORCH_CUDA_ARCH_LIST``    GPU architectures (default ``8.0;9.0+PTX``: A100, H100 machine code, and
+                            compute_90 PTX that the driver compiles for newer GPUs, e.g. sm_100).
+                            The kernels need sm_80+ (bf16); bgpo.ops._cpp refuses older GPUs.
 ``MAX_JOBS``                parallel compile jobs (ninja); default: torch's choice.
 ``BGPO_NVCC_THREADS``       nvcc ``--threads`` (architectures compiled in parallel per file; default 1).
 ``BGPO_WERROR=1``           warnings are errors in the project's own code (CI sets it).
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 NAME = "bgpo._C"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/random_mask.cpp", "csrc/fused_elbo_loss.cpp", "csrc/python_module.cpp"]
 CUDA_SOURCES = ["csrc/random_mask_cuda.cu", "csrc/fused_elbo_loss_cuda.cu"]
 

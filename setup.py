@@ -28,8 +28,9 @@ setup(
         # safetensors for checkpoint loading, matplotlib/tqdm for the benchmarks it runs
         "test": ["pytest>=8", "transformers>=4.56.2", "safetensors>=0.4", "matplotlib", "tqdm",
                  "trl>=1.16,<1.17", "datasets", "pyyaml", "math-verify", "peft", "deepspeed>=0.19,<0.20"],
-        # Philox streams differ in older Triton releases: the masks are only bit-exact in this range.
-        "triton": ["triton>=3.8,<3.10"],
+        # The releases on which tests/test_philox.py passed (3.6.0, 3.8.0; 3.7 untested): the masks are
+        # bit-exact with the other backends only where Triton's Philox stream is proven (README, Triton kernels).
+        "triton": ["triton>=3.6,<3.9,!=3.7.*"],
         "bench": ["matplotlib", "tqdm"],
         "models": ["safetensors>=0.4"],
         "hf": ["transformers>=4.46", "safetensors>=0.4"],

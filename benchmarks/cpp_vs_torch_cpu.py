@@ -1,9 +1,13 @@
 """The C++ CPU backend of bgpo._C against the torch backend, on the CPU: decides backend="auto".
 
     python benchmarks/cpp_vs_torch_cpu.py [--repeats 5]
+    python benchmarks/cpp_vs_torch_cpu.py --memory
 
 Times forward + backward of ``bgpo.fused_elbo_loss`` and one ``bgpo.random_mask`` draw per backend
 (median of the repeats, after one warm-up), for a few shapes, and prints a markdown table.
+``--memory``: the peak memory of one fused backward per backend (the CPU allocator's events,
+``bgpo.memory.track_peak_memory``) against the bf16 grad W it returns, at issue 12's shape
+(V = 16384, H = 256, bf16, 32 masked rows).
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import time
 import torch
 
 import bgpo
+from bgpo.memory import track_peak_memory
 from bgpo.ops import _cpp
+from bgpo.ops.fused_elbo_loss import _bwd_op, _fwd_op
 
 ELBO_SHAPES = [  # (B, L, H, V, dtype): a test-sized case, a small LM head, a mid-sized one
     (2, 64, 64, 512, torch.float32),
@@ -42,13 +48,36 @@ def _elbo_step(backend, hidden, weight, targets, masked, elbo_weight, advantages
     out.loss.backward()
 
 
+def backward_memory(B=2, L=32, H=256, V=16384):
+    """Peak bytes of one backward (grad h and grad W) per backend, over the bf16 grad W's bytes."""
+    hidden = torch.randn(B, L, H).bfloat16()
+    weight = (torch.randn(V, H) / H**0.5).bfloat16()
+    targets = torch.randint(0, V, (B, L))
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    masked[:, ::2] = True  # 32 masked rows
+    elbo_weight, grad = torch.full((B,), 2.0), torch.randn(B)
+    print(f"one backward, B={B} L={L} H={H} V={V} bf16, {int(masked.sum())} masked rows; "
+          f"torch {torch.__version__}\n")
+    print("| backend | peak (MiB) | peak / bf16 grad W |")
+    print("| --- | ---: | ---: |")
+    for backend in ("torch", "cpu"):
+        _, lse = _fwd_op(hidden, weight, None, targets, masked, elbo_weight, None, backend, 0)
+        with track_peak_memory("cpu") as mem:
+            _bwd_op(grad, hidden, weight, None, targets, masked, elbo_weight, lse, None, backend, 0, True, True, False)
+        print(f"| {backend} | {mem.peak_mib:.2f} | {mem.peak_bytes / (V * H * 2):.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="peak memory of one backward instead of times")
     args = parser.parse_args()
     if not _cpp.available():
         raise SystemExit(f"bgpo._C is not built: {_cpp.import_error()}")
     torch.manual_seed(0)
+    if args.memory:
+        backward_memory()
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| op | shape | torch (ms) | cpu C++ (ms) | speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -17,8 +17,21 @@ and reported also as *extra* memory: the peak less the gradients of hidden and w
 method returns.
 The Triton backend needs a GPU (its interpreter is for tests, not timing).
 
+``--peaked``: realistic, peaked logits instead of random ones (a near-uniform softmax flatters methods
+that skip vocabulary blocks of negligible mass): each masked row's hidden state is its target's row of
+W scaled by s ~ U(5, 25) plus unit noise, so the target's logit is about s and the others about
+N(0, 1 + s²/H): at V = 126464 the target's probability ranges from ~1e-3 (s = 5) to ~1 (s >= 15).
+On a GPU it runs LLaDA's head (H = 4096, V = 126464, L = 512, half masked) at B = 8 and B = 64
+(N ≈ 2k and ≈ 16k masked rows).  Every row adds TFLOP/s counted as 8·N·H·V for forward + backward
+(2 forward, 6 backward: recompute, grad h, grad W), the share of the device's dense bf16 peak
+(BF16_PEAK_TFLOPS: the vendor's spec; SPEC.md measured about 790 TFLOP/s for plain bf16 matrix
+products on the H200, 80% of its 989), and the first call's time (compilation and autotuning
+included).  Cut Cross-Entropy runs its default and exact variants.
+
     python benchmarks/fused_elbo_loss.py          # CPU: V = 126464, H scaled down to 256
-    python benchmarks/fused_elbo_loss.py --batch 8 --length 512 --hidden 4096 --dtype bf16   # GPU: LLaDA's head
+    python benchmarks/fused_elbo_loss.py --batch 8 --length 512 --hidden 4096 --dtype bf16  # GPU: LLaDA's head
+    python benchmarks/fused_elbo_loss.py --peaked  # GPU: N ≈ 2k and 16k; CPU: the CPU shape, peaked
+    TRITON_INTERPRET=1 python benchmarks/fused_elbo_loss.py --backward-peak  # backward_peak()
 
 Writes a table to stdout and JSON (``--out``, default benchmarks/results/).
 """
@@ -40,6 +53,9 @@ from bgpo.memory import track_peak_memory
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_DEFAULTS = dict(batch=8, length=512, hidden=4096, vocab=126464, dtype="bf16")
 CPU_DEFAULTS = dict(batch=4, length=128, hidden=256, vocab=126464, dtype="fp32")
+PEAKED_GPU_BATCHES = (8, 64)  # N ≈ 2048 and ≈ 16384 masked rows at L = 512, half masked
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, the vendors' specs, by a substring of the device name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def parse_args(argv=None):
@@ -53,9 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="*", default=None, help="bgpo backends (default: every one available)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="time bgpo's backends only")
     p.add_argument("--repeat", type=int, default=5, help="CPU timing repetitions (default 5)")
+    p.add_argument("--peaked", action="store_true", help="peaked logits; on a GPU at N ≈ 2k and 16k (see above)")
+    p.add_argument("--backward-peak", action="store_true",
+                   help="only the peak memory of one backward per backend against its grad W (backward_peak())")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
     args = p.parse_args(argv)
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.batches = [args.batch] if args.batch or not (args.peaked and args.device.type == "cuda") \
+        else list(PEAKED_GPU_BATCHES)
     for key, value in (GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -66,9 +87,15 @@ def make_inputs(args):
     gen = torch.Generator().manual_seed(0)
     B, L, H, V = args.batch, args.length, args.hidden, args.vocab
     dtype, device = DTYPES[args.dtype], args.device
-    hidden = torch.randn(B, L, H, generator=gen).to(device, dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(device, dtype).requires_grad_()
-    targets = torch.randint(0, V, (B, L), generator=gen).to(device)
+    weight = torch.randn(V, H, generator=gen) * H**-0.5  # rows of norm ≈ 1
+    targets = torch.randint(0, V, (B, L), generator=gen)
+    hidden = torch.randn(B, L, H, generator=gen)
+    if args.peaked:  # h = s W[y] + noise: z_y ≈ s, z_v ≈ N(0, 1 + s²/H) for v != y
+        scale = torch.rand(B, L, 1, generator=gen) * 20 + 5
+        hidden += scale * weight[targets]
+    hidden = hidden.to(device, dtype).requires_grad_()
+    weight = weight.to(device, dtype).requires_grad_()
+    targets = targets.to(device)
     masked = (torch.rand(B, L, generator=gen) < args.mask_rate).to(device)
     elbo_weight = torch.full((B,), 1.0 / args.mask_rate, device=device)
     advantages = torch.randn(B, generator=gen).to(device)
@@ -109,12 +136,12 @@ def peer_cases(args, inputs):
     except ImportError:
         print("Cut Cross-Entropy: not installed (pip install cut-cross-entropy)")
     else:
-        impl = "cce" if args.device.type == "cuda" else "torch_compile"
-
-        def cut_ce():
-            h, y = gathered()
-            return cce(h, weight, y, reduction="sum", impl=impl)
-        cases[f"Cut Cross-Entropy ({impl})"] = cut_ce
+        # on a GPU its default (gradient filtering) and exact variants; on the CPU its torch.compile path
+        for impl in ("cce", "cce_exact") if args.device.type == "cuda" else ("torch_compile",):
+            def cut_ce(impl=impl):
+                h, y = gathered()
+                return cce(h, weight, y, reduction="sum", impl=impl)
+            cases[f"Cut Cross-Entropy ({impl})"] = cut_ce
     if args.device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -158,43 +185,131 @@ def peak_bytes(fn, args, grads):
     return mem.peak_bytes
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def device_peak_tflops(device):
+    """(dense bf16 peak TFLOP/s from BF16_PEAK_TFLOPS, device name), or (None, name) if not in the table."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None), name
+
+
+def measure(name, label, fn, args, grads, N, grad_bytes, peak_tflops):
+    """One row: first call's time (compilation and tuning included), timing, memory, TFLOP/s."""
+    for g in grads:
+        g.grad = None
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - start) * 1e3
+    median, p20, p80 = timed(fn, args, grads)
+    peak = peak_bytes(fn, args, grads)
+    flops = (8 if label == "fwd+bwd" else 2) * N * args.hidden * args.vocab
+    tflops = flops / (median * 1e-3) / 1e12
+    return {"method": name, "pass": label, "batch": args.batch, "masked_rows": N, "median_ms": median,
+            "p20_ms": p20, "p80_ms": p80, "first_call_ms": first_ms, "rows_per_s": N / (median * 1e-3),
+            "tflops": tflops, "share_of_bf16_peak": None if peak_tflops is None else tflops / peak_tflops,
+            "peak_mib": peak / 2**20, "extra_mib": (peak - (grad_bytes if label == "fwd+bwd" else 0)) / 2**20}
+
+
+def run_batch(args, peak_tflops):
     inputs = make_inputs(args)
     hidden, weight = inputs[0], inputs[1]
     grads = [hidden, weight]
     N = int(inputs[3].sum())
     nhv = N * args.hidden * args.vocab
-    print(f"device {args.device}, {args.dtype}, B={args.batch} L={args.length} H={args.hidden} V={args.vocab}, "
-          f"masked rows N={N}; forward 2·N·H·V = {2 * nhv / 1e9:.1f} GFLOP, backward 6·N·H·V")
+    print(f"\ndevice {args.device}, {args.dtype}, B={args.batch} L={args.length} H={args.hidden} V={args.vocab}, "
+          f"{'peaked' if args.peaked else 'random'} logits, masked rows N={N}; forward 2·N·H·V = "
+          f"{2 * nhv / 1e9:.1f} GFLOP, backward 6·N·H·V")
     if "triton" in registered_backends("fused_elbo_loss") and args.device.type != "cuda":
         print("triton: skipped -- the Triton path needs a GPU (CUDA tensors)")
-    usable = [b for b in available_backends("fused_elbo_loss", args.device) if b != "triton" or args.device.type == "cuda"]
+    usable = [b for b in available_backends("fused_elbo_loss", args.device)
+              if b != "triton" or args.device.type == "cuda"]
     cases = {f"bgpo ({b})": bgpo_case(b, inputs) for b in (args.backends or usable) if b in usable}
     if args.peers:
         cases.update(peer_cases(args, inputs))
 
     rows = []
     grad_bytes = sum(t.numel() * t.element_size() for t in grads)
-    header = (f"{'method':<36} {'pass':<8} {'median ms':>10} {'p20':>9} {'p80':>9} {'rows/s':>10} {'peak MiB':>9} "
-              f"{'extra MiB':>9}")
+    header = (f"{'method':<36} {'pass':<8} {'median ms':>10} {'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'of peak':>8} "
+              f"{'first ms':>9} {'peak MiB':>9} {'extra MiB':>9}")
     print(header + "\n" + "-" * len(header))
     for name, loss in cases.items():
         for label, fn in (("fwd", lambda loss=loss: _no_grad(loss)), ("fwd+bwd", lambda loss=loss: loss().backward())):
-            median, p20, p80 = timed(fn, args, grads)
-            peak = peak_bytes(fn, args, grads)
-            extra = peak - (grad_bytes if label == "fwd+bwd" else 0)
-            rows.append({"method": name, "pass": label, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
-                         "rows_per_s": N / (median * 1e-3), "peak_mib": peak / 2**20, "extra_mib": extra / 2**20})
-            print(f"{name:<36} {label:<8} {median:>10.1f} {p20:>9.1f} {p80:>9.1f} {N / (median * 1e-3):>10.0f} "
-                  f"{peak / 2**20:>9.1f} {extra / 2**20:>9.1f}")
-    print_ratios(rows)
+            try:
+                row = measure(name, label, fn, args, grads, N, grad_bytes, peak_tflops)
+            except Exception as error:  # a peer's failure (an unknown variant, out of memory) is a row, not the end
+                print(f"{name:<36} {label:<8} failed: {type(error).__name__}: {str(error)[:200]}")
+                rows.append({"method": name, "pass": label, "batch": args.batch, "masked_rows": N,
+                             "error": f"{type(error).__name__}: {error}"})
+                continue
+            rows.append(row)
+            share = "-" if row["share_of_bf16_peak"] is None else f"{100 * row['share_of_bf16_peak']:.0f}%"
+            print(f"{name:<36} {label:<8} {row['median_ms']:>10.1f} {row['p20_ms']:>9.1f} {row['p80_ms']:>9.1f} "
+                  f"{row['tflops']:>8.1f} {share:>8} {row['first_call_ms']:>9.0f} {row['peak_mib']:>9.1f} "
+                  f"{row['extra_mib']:>9.1f}")
+    print_ratios([r for r in rows if "error" not in r])
+    del inputs, grads, hidden, weight
+    return rows
+
+
+def backward_peak(args):
+    """Per backend: the peak memory of one backward (bf16, V = 16384, H = 256, 32 masked rows: issue 12's
+    setting) from the allocator's events, as a multiple of the bf16 grad W it returns, and the memory
+    beyond the gradients against what the backend declares (``workspace_bytes``)."""
+    from bgpo.backends import resolve_backend
+
+    B, L, H, V = 1, 64, 256, 16384
+    rows = []
+    print(f"one backward, bf16, V={V} H={H}, 32 masked rows, on {args.device}")
+    for backend in args.backends or available_backends("fused_elbo_loss", args.device):
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(B, L, H, generator=g).to(args.device, torch.bfloat16).requires_grad_()
+        weight = (torch.randn(V, H, generator=g) * H**-0.5).to(args.device, torch.bfloat16).requires_grad_()
+        masked = (torch.arange(L) < 32).unsqueeze(0).to(args.device)
+        targets = torch.randint(0, V, (B, L), generator=g).to(args.device)
+        ones = torch.ones(B, device=args.device)
+        try:
+            out = bgpo.fused_elbo_loss(hidden, weight, targets, masked, ones, ones, backend=backend)
+            with track_peak_memory(args.device) as mem:
+                out.loss.backward()
+        except Exception as error:  # one backend's failure is a line, not the end
+            print(f"  {backend:<8} failed: {type(error).__name__}: {str(error)[:200]}")
+            rows.append({"backend": backend, "error": f"{type(error).__name__}: {error}"})
+            continue
+        grad_w = V * H * 2
+        beyond = mem.peak_bytes - grad_w - hidden.numel() * 2
+        declare = getattr(resolve_backend("fused_elbo_loss", backend, args.device).impl, "workspace_bytes", None)
+        declared = None if declare is None else declare("backward", hidden, weight, 0, True)
+        rows.append({"backend": backend, "peak_over_grad_w": mem.peak_bytes / grad_w,
+                     "beyond_grads_mib": beyond / 2**20,
+                     "declared_mib": None if declared is None else declared / 2**20})
+        print(f"  {backend:<8} peak {mem.peak_bytes / grad_w:.2f}x grad W; {beyond / 2**20:.2f} MiB beyond the "
+              f"gradients, declared {'nothing' if declared is None else f'{declared / 2**20:.2f} MiB'}")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.backward_peak:
+        return backward_peak(args)
+    peak_tflops, device_name = device_peak_tflops(args.device)
+    if args.device.type == "cuda":
+        print(f"{device_name}: dense bf16 peak {peak_tflops} TFLOP/s (vendor spec; BF16_PEAK_TFLOPS)")
+    rows = []
+    for batch in args.batches:
+        args.batch = batch
+        rows += run_batch(args, peak_tflops)
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fused_elbo_loss_{args.device.type}.json"
+    path = out / f"fused_elbo_loss_{args.device.type}{'_peaked' if args.peaked else ''}.json"
     config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
-    path.write_text(json.dumps({"config": config | {"torch": torch.__version__, "masked_rows": N}, "rows": rows},
-                               indent=2))
+    path.write_text(json.dumps({"config": config | {"torch": torch.__version__, "device_name": device_name,
+                                                   "bf16_peak_tflops": peak_tflops}, "rows": rows}, indent=2))
     print(f"\nwrote {path}")
     return rows
 

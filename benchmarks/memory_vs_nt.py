@@ -12,6 +12,11 @@ one-step estimator has no n_t (its row is the same at every n_t).
     python benchmarks/memory_vs_nt.py --device cuda --checkpoint PATH --dtype bfloat16 ...
     python benchmarks/memory_vs_nt.py --simulate llada-8b   # LLaDA-8B on fake tensors, per GPU
 
+``--activation-checkpointing`` recomputes each transformer block in backward
+(``bgpo.models.enable_activation_checkpointing``), as every LLaDA-8B config in ``configs/`` does: on by
+default with ``--simulate``, off by default when measuring (``--no-activation-checkpointing`` /
+``--activation-checkpointing`` override either); the JSON's config and the table say which.
+
 ``--simulate`` runs the same step on fake tensors (no memory, no compute) under
 ``bgpo.memory.track_fake_memory`` and reports the memory of one GPU:
 
@@ -23,8 +28,10 @@ one-step estimator has no n_t (its row is the same at every n_t).
   adapters of rank ``--lora-rank`` on every projection (peft), with ``--state-bytes`` per adapter
   parameter.
 
-Activations are the simulated peak of the step for ``--micro-batch`` responses per GPU.  The
-simulator agrees with the CPU allocator within 10% (tests/test_memory.py).
+Activations are the simulated peak of the step for ``--micro-batch`` responses per GPU
+(``bgpo.plan.simulate_step``, which ``bgpo plan`` searches over; ``--samples-per-forward`` k forwards
+k of BGPO's MC samples at once).  The simulator agrees with the CPU allocator within 10%
+(tests/test_memory.py, with and without activation checkpointing).
 
 Writes a table to stdout, JSON and a PNG plot (``--out``, default benchmarks/results/).
 """
@@ -40,8 +47,10 @@ from pathlib import Path
 import torch
 
 import bgpo
+from bgpo.backends import resolve_backend
 from bgpo.memory import track_peak_memory
-from bgpo.models import LLaDAConfig, LLaDAModelLM
+from bgpo.models import LLaDAConfig, LLaDAModelLM, enable_activation_checkpointing
+from bgpo.plan import Workload, simulate_step
 from bgpo.policy_update import PolicyBatch, accumulate_policy_gradient
 
 OBJECTIVES = ("bgpo", "vrpo", "diffu_grpo")
@@ -57,9 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16, help="--simulate --finetune lora: adapter rank")
     p.add_argument("--gpus", type=int, default=8, help="--simulate: GPUs the weights and AdamW state are sharded over")
     p.add_argument("--micro-batch", type=int, default=2, help="--simulate: responses per GPU per backward")
+    p.add_argument("--samples-per-forward", type=int, default=1,
+                   help="--simulate, bgpo: MC samples per forward (e.g. the plan `bgpo plan` prints)")
     p.add_argument("--state-bytes", type=float, default=16.0,
                    help="--simulate: bytes per parameter of master weights + gradients + AdamW moments")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--simulate: the GPU's memory, for the verdict")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward (default: on with --simulate, off otherwise)")
     p.add_argument("--preset", default="small", help="bgpo.models preset: tiny, small, llada-8b")
     p.add_argument("--checkpoint", default=None, help="a local LLaDA checkpoint directory instead of a preset")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -76,9 +89,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.prompt_length = args.prompt_length or (256 if args.simulate else 32)
     args.response_length = args.response_length or (512 if args.simulate else 96)
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = bool(args.simulate)
     if args.simulate:
         args.dtype = "bfloat16"
-        args.backend = "torch"  # the backend whose workspace is declared to the simulator
+        # what backend="auto" runs on CUDA tensors: the simulator counts the workspace that backend declares
+        args.backend = resolve_backend("fused_elbo_loss", "auto", torch.device("cuda")).name
     return args
 
 
@@ -88,6 +104,8 @@ def build_model(args, device, dtype):
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = LLaDAModelLM(LLaDAConfig.preset(args.preset))
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model.to(dtype)
 
 
@@ -139,37 +157,14 @@ def measure(args, objective, n_t, device, dtype):
 
 def simulate(args, objective, n_t):
     """One GPU's share of a step of ``args.simulate`` on fake tensors: (static, activation peak) in bytes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from bgpo.memory import track_fake_memory
-
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # LLaDA computes in bf16
-    try:
-        with torch.device("meta"):  # built on meta (peft moves adapters with .to(), which fake tensors refuse)
-            model = LLaDAModelLM(LLaDAConfig.preset(args.simulate))
-            if args.finetune == "lora":
-                from bgpo.train.config import LoraConfig
-                from bgpo.train.modeling import apply_lora
-
-                apply_lora(model, LoraConfig(r=args.lora_rank), seed=0)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    with FakeTensorMode(allow_non_fake_inputs=True):  # to_empty reads the meta parameters' shapes
-        model.to_empty(device="cpu")  # fake CPU tensors: shapes and dtypes, no memory
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-        for p in model.parameters():  # the full gradient leaves once accumulated (reduce-scatter / step)
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        micro = argparse.Namespace(**{**vars(args), "prompts": 1, "group": args.micro_batch})
-        batch = make_batch(micro, model, torch.device("cpu"))
-        with track_fake_memory() as mem:
-            accumulate_policy_gradient(model, batch, objective=objective, num_samples=n_t, seed=args.seed,
-                                       backend=args.backend)
-    if args.finetune == "lora":
-        return frozen + trainable * args.state_bytes, mem.peak_bytes
-    return trainable * args.state_bytes / args.gpus, mem.peak_bytes
+    work = Workload(preset=args.simulate, objective=objective, num_samples=n_t, responses=args.micro_batch,
+                    group_size=args.micro_batch, prompt_length=args.prompt_length,
+                    response_length=args.response_length, finetune=args.finetune, lora_rank=args.lora_rank,
+                    gpus=args.gpus, state_bytes=args.state_bytes, dtype="bfloat16",  # LLaDA computes in bf16
+                    backend=args.backend)
+    k = min(args.samples_per_forward, n_t) if objective == "bgpo" else 1
+    return simulate_step(work, micro_batch_size=args.micro_batch, num_samples=n_t, samples_per_forward=k,
+                         activation_checkpointing=args.activation_checkpointing)
 
 
 def run_simulation(args):
@@ -185,7 +180,9 @@ def run_simulation(args):
         else f"one of {args.gpus} GPUs: sharded state"
     print(f"\nsimulated {args.simulate}, {where} "
           f"{rows[0]['static_mib'] / 1024:.1f} GiB + activations of {args.micro_batch} responses "
-          f"(prompt {args.prompt_length}, response {args.response_length}, bf16); total GiB")
+          f"x {args.samples_per_forward} MC samples per forward (bgpo) "
+          f"(prompt {args.prompt_length}, response {args.response_length}, bf16, "
+          f"{_checkpointing(args)}, fused_elbo_loss backend {args.backend!r}); total GiB")
     print(f"{'n_t':>5} " + " ".join(f"{o:>12}" for o in args.objectives))
     by = {(r["objective"], r["n_t"]): r for r in rows}
     for n_t in nts:
@@ -208,9 +205,14 @@ def progress(items):
         return items
 
 
-def print_table(rows, nts, objectives):
+def _checkpointing(args) -> str:
+    return "activation checkpointing " + ("on" if args.activation_checkpointing else "off")
+
+
+def print_table(rows, nts, objectives, args):
     by = {(r["objective"], r["n_t"]): r for r in rows}
-    print("\npeak memory of one step above parameters, gradients and AdamW state, MiB (time, s)")
+    print(f"\npeak memory of one step above parameters, gradients and AdamW state, MiB (time, s); "
+          f"{_checkpointing(args)}")
     print(f"{'n_t':>5} " + " ".join(f"{o:>22}" for o in objectives))
     for n_t in nts:
         cells = [f"{by[o, n_t]['peak_step_mib']:10.1f} ({by[o, n_t]['step_seconds']:6.2f} s)" for o in objectives]
@@ -252,7 +254,7 @@ def run_measurement(args):
     rows = [measure(args, o, n, device, dtype) for o, n in progress(runs)]
     # diffu-GRPO does not depend on n_t: its one measured step stands for every n_t.
     rows += [{**r, "n_t": n} for r in rows if r["objective"] == "diffu_grpo" for n in nts[1:]]
-    print_table(rows, nts, args.objectives)
+    print_table(rows, nts, args.objectives, args)
     return rows
 
 
@@ -265,6 +267,8 @@ def main(argv=None):
         rows = run_measurement(args)
         name = args.checkpoint and Path(args.checkpoint).name or args.preset
         stem = f"memory_vs_nt_{args.device.split(':')[0]}_{name}"
+    stem += "_ac" if args.activation_checkpointing else ""
+    stem += f"_k{args.samples_per_forward}" if args.simulate and args.samples_per_forward > 1 else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = vars(args) | {"torch": torch.__version__, "machine": platform.machine()}

@@ -28,13 +28,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from . import _configs  # noqa: E402
 from . import fused_elbo_loss as fel  # noqa: E402
 from . import random_mask as rm  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-ALIGNED_INTS = {"H", "V", "V_SPLIT", "stride_h", "stride_w", "C", "stride_ids", "stride_maskable",
+ALIGNED_INTS = {"H", "V", "V_SPLIT", "stride_w", "stride_dz", "C", "stride_ids", "stride_maskable",
                 "stride_noisy", "stride_masked"}
+ELBO_KERNELS = ("fwd", "dz", "grad_w", "grad_h")
 
 
 def _jit_function(kernel):
@@ -73,25 +75,36 @@ def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: 
 
 
 def _elbo_cases(kernel: str, dtype: str):
+    """(kernel, argument types, constexpr flags, config table) of one kernel of the fused ELBO op."""
     ptr = DTYPE[dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
-    flags = dict(DOT_PRECISION=precision, HAS_BIAS=True, HAS_SOFTCAP=True, EVEN_V=False, EVEN_H=True, UPCAST=False)
+    logit_flags = dict(DOT_PRECISION=precision, GROUP_N=8, HAS_BIAS=True, HAS_SOFTCAP=True, EVEN_V=False,
+                       EVEN_H=True, UPCAST=False)
     if kernel == "fwd":
-        types = dict(hidden_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, targets_ptr="*i64", rows_ptr="*i64",
-                     max_ptr="*fp32", sum_ptr="*fp32", target_logit_ptr="*fp32", N="i32", H="i32", V="i32",
-                     V_SPLIT="i32", S="i32", stride_h="i32", stride_w="i32", softcap="fp32")
-        return fel._fused_elbo_loss_fwd_kernel, types, flags
-    types = dict(hidden_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, targets_ptr="*i64", rows_ptr="*i64",
-                 lse_ptr="*fp32", coef_ptr="*fp32", grad_hidden_ptr="*fp32", grad_weight_ptr="*fp32",
-                 grad_bias_ptr="*fp32", N="i32", H="i32", V="i32", L="i32", stride_h="i32", stride_w="i32",
-                 softcap="fp32")
-    return fel._fused_elbo_loss_bwd_kernel, types, dict(flags, NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True)
+        types = dict(h_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, y_ptr="*i64", max_ptr="*fp32", sum_ptr="*fp32",
+                     target_logit_ptr="*fp32", N="i32", H="i32", V="i32", V_SPLIT="i32", S="i32", stride_w="i32",
+                     softcap="fp32", N_BUCKET="i32")
+        return fel._fwd_kernel, types, logit_flags, _configs.FWD
+    if kernel == "dz":
+        types = dict(h_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, y_ptr="*i64", lse_ptr="*fp32", coef_ptr="*fp32",
+                     dz_ptr=ptr, N="i32", H="i32", V="i32", v0="i32", VC="i32", stride_w="i32", stride_dz="i32",
+                     softcap="fp32", N_BUCKET="i32")
+        return fel._dz_kernel, types, logit_flags, _configs.DZ
+    if kernel == "grad_w":
+        types = dict(h_ptr=ptr, dz_ptr=ptr, grad_w_ptr=ptr, grad_b_ptr=ptr, N="i32", H="i32", V="i32", v0="i32",
+                     VC="i32", stride_dz="i32", N_BUCKET="i32")
+        flags = dict(NEED_WEIGHT=True, NEED_BIAS=True, DOT_PRECISION=precision, GROUP_V=8, UPCAST=False)
+        return fel._grad_w_kernel, types, flags, _configs.GRAD_W
+    types = dict(dz_ptr=ptr, weight_ptr=ptr, grad_h_ptr="*fp32", N="i32", H="i32", V="i32", v0="i32", VC="i32",
+                 stride_dz="i32", stride_w="i32", N_BUCKET="i32")
+    flags = dict(FIRST=False, DOT_PRECISION=precision, GROUP_N=8, UPCAST=False)
+    return fel._grad_h_kernel, types, flags, _configs.GRAD_H
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
-    parser.add_argument("--kernels", nargs="*", default=["fwd", "bwd", "reduce", "random_mask"])
+    parser.add_argument("--kernels", nargs="*", default=[*ELBO_KERNELS, "reduce", "random_mask"])
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     parser.add_argument("--first", action="store_true", help="only the first autotune config of each list")
     parser.add_argument("--strict", action="store_true", help="fail on register spills of a bf16/fp16 config")
@@ -106,14 +119,12 @@ def main(argv=None) -> int:
         if args.strict and low_precision and result["spills"]:
             failures.append(f"{name}: {result['spills']} bytes of register spills")
 
-    for kernel_name in ("fwd", "bwd"):
+    for kernel_name in ELBO_KERNELS:
         if kernel_name not in args.kernels:
             continue
-        configs = {("fwd", 80): fel._FWD_SM80, ("fwd", 90): fel._FWD_SM90,
-                   ("bwd", 80): fel._BWD_SM80, ("bwd", 90): fel._BWD_SM90}[kernel_name, args.arch]
-        for config in configs[:1] if args.first else configs:
-            for dtype in args.dtypes:
-                kernel, types, flags = _elbo_cases(kernel_name, dtype)
+        for dtype in args.dtypes:
+            kernel, types, flags, table = _elbo_cases(kernel_name, dtype)
+            for config in table[args.arch][:1] if args.first else table[args.arch]:
                 name = (f"{kernel_name} sm_{args.arch} {dtype} {config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_V']}"
                         f"x{config.kwargs['BLOCK_H']} w{config.num_warps} s{config.num_stages}")
                 try:
@@ -126,8 +137,8 @@ def main(argv=None) -> int:
     if "reduce" in args.kernels:
         types = dict(max_ptr="*fp32", sum_ptr="*fp32", target_logit_ptr="*fp32", rows_ptr="*i64",
                      segment_ptr="*i64", elbo_weight_ptr="*fp32", elbo_ptr="*fp32", lse_ptr="*fp32", S="i32")
-        report(f"reduce sm_{args.arch}", compile_kernel(fel._fused_elbo_loss_reduce_kernel, types,
-                                                        dict(BLOCK_R=128, BLOCK_S=64), args.arch, 4, 1), True)
+        report(f"reduce sm_{args.arch}", compile_kernel(fel._reduce_kernel, types, dict(BLOCK_R=128), args.arch, 4, 1),
+               True)
     if "random_mask" in args.kernels:
         types = dict(ids_ptr="*i64", maskable_ptr="*u8", sequence_ids_ptr="*i64", noisy_ptr="*i64", masked_ptr="*u8",
                      weight_ptr="*fp32", C="i32", stride_ids="i32", stride_maskable="i32", stride_noisy="i32",

@@ -1,6 +1,6 @@
-// bgpo_C::fused_elbo_loss_fwd / _bwd on CUDA: the row kernel (one block per masked row, warp-shuffle
-// reductions, fp32 arithmetic for every input dtype) plugged into the device-generic chunk driver of
-// fused_elbo_loss.cpp, whose matmuls run on cuBLAS (bf16/fp16 inputs with fp32 accumulation and output).
+// bgpo_C::fused_elbo_loss_fwd / _bwd on CUDA: the row kernel (one block per masked row of a tile,
+// warp-shuffle reductions, fp32 arithmetic for every input dtype) plugged into the device-generic driver
+// of fused_elbo_loss.cpp, whose matmuls run on cuBLAS (bf16/fp16 operands, fp32 accumulation).
 #include "cuda_utils.cuh"
 #include "fused_elbo_loss.h"
 
@@ -73,10 +73,10 @@ __device__ __forceinline__ MaxSum block_logsumexp(MaxSum acc, MaxSum* scratch) {
 // Calls z_new = fn(v, z) on every element of the row this thread owns (float4 accesses when kVec4),
 // storing z_new when `store`.
 template <bool kVec4, typename Fn>
-__device__ __forceinline__ void for_each_element(float* __restrict__ z, int64_t vocab, bool store, Fn&& fn) {
+__device__ __forceinline__ void for_each_element(float* __restrict__ z, int64_t width, bool store, Fn&& fn) {
   if constexpr (kVec4) {
     float4* z4 = reinterpret_cast<float4*>(z);
-    const int64_t n4 = vocab / 4;
+    const int64_t n4 = width / 4;
     for (int64_t k = threadIdx.x; k < n4; k += kRowThreads) {
       float4 x = z4[k];
       const int64_t v = 4 * k;
@@ -89,7 +89,7 @@ __device__ __forceinline__ void for_each_element(float* __restrict__ z, int64_t 
       }
     }
   } else {
-    for (int64_t v = threadIdx.x; v < vocab; v += kRowThreads) {
+    for (int64_t v = threadIdx.x; v < width; v += kRowThreads) {
       const float x = fn(v, z[v]);
       if (store) {
         z[v] = x;
@@ -98,22 +98,23 @@ __device__ __forceinline__ void for_each_element(float* __restrict__ z, int64_t 
   }
 }
 
-// One block per row of the chunk; see RowChunk (fused_elbo_loss.h) for the modes.
+// One block per row of the chunk; see RowChunk (fused_elbo_loss.h).  Forward (coef == nullptr): the
+// tile is the whole vocabulary; lse and z[y] - lse.  Backward: dz on the tile's columns [v0, v0 + width).
 template <typename scalar_t, bool kVec4>
 __global__ void __launch_bounds__(kRowThreads) elbo_rows_kernel(const RowChunk c) {
   __shared__ MaxSum scratch[kRowWarps];
-  __shared__ float shared_lse;
 
   const int64_t i = blockIdx.x;
-  const int64_t row = c.rows[i];
-  const int64_t vocab = c.vocab;
-  const int64_t target = c.targets[row];
-  CUDA_KERNEL_ASSERT(target >= 0 && target < vocab);
-  float* __restrict__ z = c.logits + i * vocab;
-  const scalar_t* __restrict__ bias = static_cast<const scalar_t*>(c.bias);
+  const int64_t width = c.width;
+  const int64_t target = c.targets[i];
+  // An out-of-range target is a device-side assert (kept in release builds); where asserts are compiled
+  // out, the row's lse becomes NaN, so that the loss and every gradient it touches are NaN, never garbage.
+  const bool valid = target >= 0 && target < c.vocab;
+  CUDA_KERNEL_ASSERT(valid);
+  float* __restrict__ z = c.logits + i * width;
+  const scalar_t* __restrict__ bias = c.bias != nullptr ? static_cast<const scalar_t*>(c.bias) + c.v0 : nullptr;
   const float cap = c.softcap;
   const bool capped = cap > 0.0f;
-  const bool transform = bias != nullptr || capped;
 
   // The logit the loss sees: cap * tanh((z + bias) / cap), each part optional.
   auto effective = [&](int64_t v, float x) {
@@ -123,37 +124,30 @@ __global__ void __launch_bounds__(kRowThreads) elbo_rows_kernel(const RowChunk c
     return capped ? cap * tanhf(x / cap) : x;
   };
 
-  float lse;
-  if (c.compute_lse) {
+  if (c.coef == nullptr) {
     MaxSum acc{-INFINITY, 0.0f};
-    for_each_element<kVec4>(z, vocab, transform, [&](int64_t v, float x) {
+    for_each_element<kVec4>(z, width, bias != nullptr || capped, [&](int64_t v, float x) {
       const float e = effective(v, x);
       accumulate(acc, e);
       return e;
     });
     acc = block_logsumexp(acc, scratch);  // its __syncthreads makes the stored logits visible to the block
     if (threadIdx.x == 0) {
-      shared_lse = acc.m + logf(acc.s);
-      c.lse[row] = shared_lse;
-      c.logp[row] = z[target] - shared_lse;  // read before the barrier below, after which z[target] may change
+      const float lse = valid ? acc.m + logf(acc.s) : NAN;
+      c.lse[i] = lse;
+      c.logp[i] = valid ? z[target] - lse : NAN;
     }
-    __syncthreads();
-    lse = shared_lse;
-  } else {
-    lse = c.lse[row];
-  }
-  if (c.coef == nullptr) {
     return;
   }
 
   // dz = coef * (onehot(target) - softmax) * (1 - tanh^2 if capped).
-  const float coef = c.coef[row / c.seq_len];
-  const bool already_transformed = c.compute_lse;
-  const bool write_f32 = c.write_grad_f32;
-  scalar_t* __restrict__ low = c.grad_low != nullptr ? static_cast<scalar_t*>(c.grad_low) + i * vocab : nullptr;
-  for_each_element<kVec4>(z, vocab, write_f32, [&](int64_t v, float x) {
-    const float e = already_transformed ? x : effective(v, x);
-    float g = (v == target ? 1.0f : 0.0f) - expf(e - lse);
+  const float lse = valid ? c.lse[i] : NAN;
+  const float coef = c.coef[i];
+  const int64_t j = target - c.v0;  // the target's column in this tile (outside [0, width): not in it)
+  scalar_t* __restrict__ low = c.grad_low != nullptr ? static_cast<scalar_t*>(c.grad_low) + i * width : nullptr;
+  for_each_element<kVec4>(z, width, c.write_grad_f32, [&](int64_t v, float x) {
+    const float e = effective(v, x);
+    float g = (v == j ? 1.0f : 0.0f) - expf(e - lse);
     if (capped) {
       const float t = e / cap;
       g *= 1.0f - t * t;
@@ -171,7 +165,7 @@ void cuda_row_kernel(const RowChunk& c) {
     return;
   }
   TORCH_CHECK(c.n_rows <= static_cast<int64_t>(INT32_MAX), "fused_elbo_loss: too many rows in one chunk");
-  const bool vec4 = c.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(c.logits) % 16 == 0;
+  const bool vec4 = c.width % 4 == 0 && reinterpret_cast<uintptr_t>(c.logits) % 16 == 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(c.n_rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.dtype, "bgpo_fused_elbo_rows_cuda", [&] {
@@ -184,13 +178,14 @@ void cuda_row_kernel(const RowChunk& c) {
   });
 }
 
+constexpr Device kCuda{&cuda_row_kernel, /*cuda=*/true};
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                                                 const at::Tensor& masked, const at::Tensor& elbo_weight,
                                                 std::optional<double> softcap, int64_t chunk_size) {
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
-  return forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size, &cuda_row_kernel,
-                 kCudaChunkElements);
+  return forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size, kCuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -200,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     bool need_hidden, bool need_weight, bool need_bias) {
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   return backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, chunk_size,
-                  need_hidden, need_weight, need_bias, &cuda_row_kernel, kCudaChunkElements);
+                  need_hidden, need_weight, need_bias, kCuda);
 }
 
 }  // namespace

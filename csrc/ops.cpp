@@ -4,6 +4,8 @@
 // the "cpu" and "cuda" backends of bgpo.
 #include <torch/library.h>
 
+#include "fused_elbo_loss.h"
+
 TORCH_LIBRARY(bgpo_C, m) {
   // Philox4x32-10 as Triton's tl.randint (uint32 words held in int64) and tl.rand (fp32 in [0, 1)).
   m.def("philox_randint(int seed, Tensor offset) -> Tensor");
@@ -21,4 +23,9 @@ TORCH_LIBRARY(bgpo_C, m) {
       "fused_elbo_loss_bwd(Tensor grad_elbo, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
       "Tensor masked, Tensor elbo_weight, Tensor lse, float? softcap, int chunk_size, bool need_hidden, "
       "bool need_weight, bool need_bias) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // [rows per block, vocabulary columns per tile] of a fused_elbo_loss call (fused_elbo_loss.h, plan_tiles):
+  // a function of the sizes only, for the workspace declaration of bgpo.ops._cpp and the tests.
+  m.def("fused_elbo_loss_tiles(bool backward, int num_rows, int vocab, int hidden, int chunk_size, bool cuda) "
+        "-> int[]",
+        &bgpo::elbo::tiles_op);
 }

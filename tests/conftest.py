@@ -1,10 +1,37 @@
-"""Test configuration: Triton runs in its interpreter on the CPU (set before anything imports triton)."""
+"""Test configuration.
+
+``BGPO_TEST_DEVICE`` (default ``cpu``) is the device the op tests build their tensors on: with
+``BGPO_TEST_DEVICE=cuda`` every backend of ``random_mask`` and ``fused_elbo_loss`` runs on CUDA tensors
+and Triton compiles for the GPU; otherwise Triton runs in its interpreter on the CPU
+(``TRITON_INTERPRET=1``, set here before anything imports triton).  Op tests take the ``device``
+fixture, or ``TEST_DEVICE`` (``from conftest import TEST_DEVICE``) where a parameter list needs it at
+import time.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+_DEVICE = os.environ.get("BGPO_TEST_DEVICE", "cpu")
+os.environ.setdefault("TRITON_INTERPRET", "0" if _DEVICE.startswith("cuda") else "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+TEST_DEVICE = torch.device(_DEVICE)
+
+
+def pytest_configure(config):
+    if TEST_DEVICE.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"BGPO_TEST_DEVICE: expected 'cpu' or 'cuda[:N]', got {_DEVICE!r}")
+    if TEST_DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("BGPO_TEST_DEVICE=cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    if TEST_DEVICE.type == "cuda" and os.environ["TRITON_INTERPRET"] == "1":
+        raise pytest.UsageError("BGPO_TEST_DEVICE=cuda with TRITON_INTERPRET=1 would check the interpreter, "
+                                "not the GPU kernels: unset TRITON_INTERPRET")
+
+
+@pytest.fixture
+def device():
+    """The device of the op tests' tensors (``BGPO_TEST_DEVICE``, default cpu)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +50,8 @@ def tiny_lm():
 
 @pytest.fixture(scope="session")
 def triton_draws():
-    """``draws(seed, offsets) -> (words, uniforms)``: ``tl.randint`` / ``tl.rand`` of the installed Triton."""
+    """``draws(seed, offsets) -> (words, uniforms)``: ``tl.randint`` / ``tl.rand`` of the installed Triton,
+    drawn on ``TEST_DEVICE`` (the GPU's Philox when it is CUDA), returned on the CPU."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -37,9 +65,10 @@ def triton_draws():
 
     def draws(seed, offsets, block=2**12):
         n = offsets.numel()
-        words = torch.empty(n, dtype=torch.int32)
-        uniforms = torch.empty(n, dtype=torch.float32)
+        offsets = offsets.to(TEST_DEVICE)
+        words = torch.empty(n, dtype=torch.int32, device=TEST_DEVICE)
+        uniforms = torch.empty(n, dtype=torch.float32, device=TEST_DEVICE)
         draw_kernel[(triton.cdiv(n, block),)](seed, offsets, words, uniforms, n, BLOCK=block)
-        return words.to(torch.int64) & 0xFFFFFFFF, uniforms
+        return words.cpu().to(torch.int64) & 0xFFFFFFFF, uniforms.cpu()
 
     return draws

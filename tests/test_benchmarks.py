@@ -67,3 +67,36 @@ def test_fused_elbo_loss_benchmark_runs(tmp_path):
     methods = {r["method"] for r in rows}
     assert "bgpo (torch)" in methods and "full logits + F.cross_entropy" in methods
     assert json.loads((tmp_path / "fused_elbo_loss_cpu.json").read_text())["rows"]
+
+
+def test_fused_elbo_loss_benchmark_peaked(tmp_path):
+    """--peaked: the target's row of W in each hidden state makes its logit stand out; rows carry TFLOP/s
+    (8·N·H·V forward + backward) and the first call's time; no share of a GPU peak is claimed on the CPU."""
+    bench = _load("fused_elbo_loss")
+    argv = ["--batch", "2", "--length", "16", "--hidden", "32", "--vocab", "1000", "--repeat", "1", "--backends",
+            "torch", "--no-peers", "--out", str(tmp_path)]
+    args = bench.parse_args(argv + ["--peaked"])
+    hidden, weight, targets, masked, _, _ = bench.make_inputs(args)
+    logits = hidden.detach() @ weight.detach().t()
+    assert (logits.argmax(-1) == targets).float().mean() > 0.9  # peaked on the target
+    rows = bench.main(argv + ["--peaked"])
+    both = {r["pass"]: r for r in rows}
+    N = int(masked.sum())
+    full = both["fwd+bwd"]
+    assert full["masked_rows"] == N and full["share_of_bf16_peak"] is None and full["first_call_ms"] > 0
+    assert full["tflops"] == pytest.approx(8 * N * 32 * 1000 / (full["median_ms"] * 1e-3) / 1e12)
+    saved = json.loads((tmp_path / "fused_elbo_loss_cpu_peaked.json").read_text())
+    assert saved["config"]["peaked"] and saved["config"]["bf16_peak_tflops"] is None
+
+
+def test_rollout_benchmark_cache_and_threshold_save_forwards(tmp_path):
+    speed, quality = _load("rollout").main([
+        "--preset", "tiny", "--prompt-length", "16", "--gen-length", "16", "--block-length", "8", "--steps", "16",
+        "--samplers", "exact", "dual", "dual + threshold", "--sudoku-warmup-steps", "2", "--sudoku-eval-size", "8",
+        "--out", str(tmp_path)])
+    rows = {r["sampler"]: r for r in speed}
+    assert rows["exact"]["forwards_per_answer"] == rows["dual"]["forwards_per_answer"] == 16
+    assert rows["dual + threshold"]["forwards_per_answer"] < 16 and rows["dual + threshold"]["parallel_fraction"] > 0
+    assert [r["sampler"] for r in quality] == ["exact", "dual", "prefix", "dual + threshold", "threshold"]
+    assert all(0 <= r["reward"] <= 1 for r in quality)
+    assert json.loads((tmp_path / "rollout_cpu_tiny.json").read_text())["throughput"]

@@ -102,3 +102,45 @@ def test_chat_template_is_used_when_present():
     ids, _ = encode_prompts(tok, ["hi"], pad_id=0)
     assert "".join(map(chr, ids[0].tolist())) == "<user>hi<assistant>"
     assert isinstance(ids, torch.Tensor)
+
+
+class _HFLikeTokenizer:
+    """The attributes of a Hugging Face tokenizer that ``check_tokenizer_matches`` reads."""
+
+    def __init__(self, size, *, mask=None, eos=None, special=()):
+        self.size, self.mask_token_id, self.eos_token_id, self.all_special_ids = size, mask, eos, list(special)
+
+    def __len__(self):
+        return self.size
+
+
+def test_tokenizer_matching_the_model_passes_and_a_mismatch_says_what_differs():
+    from bgpo.data.tokenizer import check_tokenizer_matches
+    from bgpo.models import LLaDAConfig, LLaDAModelLM
+
+    tiny = LLaDAModelLM(LLaDAConfig.preset("tiny"))  # 128 rows, EOS 126, mask 127: CharTokenizer's ids
+    check_tokenizer_matches(CharTokenizer(), tiny)
+    check_tokenizer_matches(_HFLikeTokenizer(128, eos=2, special=[2, 126]), tiny)  # EOS 126 is a special token
+    small = LLaDAModelLM(LLaDAConfig.preset("tiny", vocab_size=256, mask_token_id=255, eos_token_id=254,
+                                            pad_token_id=254))
+    with pytest.raises(ValueError, match="model.tokenizer") as error:
+        check_tokenizer_matches(CharTokenizer(), small)
+    message = str(error.value)
+    assert "mask id 255 is not an id of the tokenizer" in message
+    assert "EOS: the tokenizer's is 126, the model's 254" in message
+    with pytest.raises(ValueError, match="the tokenizer has 300 ids but the model's embedding only 128 rows"):
+        check_tokenizer_matches(_HFLikeTokenizer(300), tiny)
+    with pytest.raises(ValueError, match="mask token: the tokenizer's is 5, the model's 127"):
+        check_tokenizer_matches(_HFLikeTokenizer(128, mask=5), tiny)
+    with pytest.raises(ValueError, match="EOS: the tokenizer's is 2, the model's 126 \\(not a special token"):
+        check_tokenizer_matches(_HFLikeTokenizer(128, eos=2), tiny)
+
+
+def test_trainer_refuses_a_tokenizer_that_does_not_match_the_model(tmp_path):
+    from bgpo.train import Trainer, load_config
+
+    config = load_config(None, ["model.tokenizer=char", "model.overrides={vocab_size: 256, mask_token_id: 255}",
+                                "data.eval_size=0", "data.train_size=8", "log.progress=false",
+                                "log.tensorboard=false", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="mask id 255 is not an id of the tokenizer"):
+        Trainer(config)

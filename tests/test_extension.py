@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 import bgpo
 from bgpo import philox
-from bgpo.backends import registered_backends, resolve_backend
+from bgpo.memory import track_fake_memory, track_peak_memory
+from bgpo.backends import registered_backend, registered_backends, resolve_backend
 from bgpo.ops import _cpp
 from bgpo.ops.fused_elbo_loss import _torch_backward, _torch_forward
 from bgpo.ops.random_mask import random_mask_torch
@@ -314,6 +317,186 @@ def test_cpp_fused_elbo_loss_end_to_end_gradients():
             results[backend] = [out.loss.detach(), out.elbo] + [t.grad for t in leaves]
         for r, o in zip(results["torch"], results["cpu"]):
             torch.testing.assert_close(o.float(), r.float(), **_tol(dtype))
+
+
+def test_cpp_fused_op_any_layout():
+    """No kernel assumes contiguity: strided, transposed and expanded (stride 0) inputs give the results of
+    their contiguous copies (defect 1 of issue 12)."""
+    hidden, weight, b, targets, masked, _, _ = _elbo_case(torch.float32, True, B=3, L=10, H=16, V=700)
+    B = hidden.shape[0]
+    ws = {"strided": torch.rand(2 * B)[::2], "expanded": torch.tensor([1.5]).expand(B)}
+    grad = torch.randn(2 * B)[::2]
+    strided = dict(
+        hidden=torch.randn(hidden.shape[1], hidden.shape[0], 2 * hidden.shape[2]).transpose(0, 1)[:, :, ::2],
+        weight=weight.t().contiguous().t(), bias=torch.randn(2 * b.shape[0])[::2],
+        targets=targets.t().contiguous().t().to(torch.int32), masked=torch.cat([masked, ~masked], 1)[:, ::2],
+    )
+    for w in ws.values():
+        s = strided
+        c = {k: v.contiguous() for k, v in s.items()}
+        args = lambda t: (t["hidden"], t["weight"], t["bias"], t["targets"], t["masked"])  # noqa: E731
+        ref = ops.fused_elbo_loss_fwd(*args(c), w.contiguous(), 2.0, 3)
+        out = ops.fused_elbo_loss_fwd(*args(s), w, 2.0, 3)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        lse = ref[1]
+        lse_strided = torch.stack([lse, lse], 2)[:, :, 0]
+        ref = ops.fused_elbo_loss_bwd(grad.contiguous(), *args(c), w.contiguous(), lse, 2.0, 3, True, True, True)
+        out = ops.fused_elbo_loss_bwd(grad, *args(s), w, lse_strided, 2.0, 3, True, True, True)
+        for name, r, o in zip(("grad_hidden", "grad_weight", "grad_bias"), ref, out):
+            torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6, msg=name)
+    # An expanded weight of 1.5 is a weight of 1.5.
+    w15 = torch.full((B,), 1.5)
+    args = (hidden, weight, b, targets, masked)
+    torch.testing.assert_close(ops.fused_elbo_loss_fwd(*args, ws["expanded"], None, 0),
+                               ops.fused_elbo_loss_fwd(*args, w15, None, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_cpp_backward_over_several_vocabulary_tiles(dtype, chunk_size):
+    """V spans three tiles of the backward (the last one partial), targets in each; one row block and
+    several: as the torch backend."""
+    rows, width = ops.fused_elbo_loss_tiles(True, 20, 1100, 512, chunk_size, False)
+    assert width == 512 and (rows == 5 if chunk_size else rows == 20)
+    hidden, weight, b, targets, masked, w, grad = _elbo_case(dtype, True, B=2, L=20, H=512, V=1100, seed=4)
+    targets[:, ::3] = torch.randint(1024, 1100, (2, 7))  # in the partial tile
+    for softcap in (None, 4.0):
+        _, lse = _torch_forward(hidden, weight, b, targets, masked, w, softcap, 0)
+        ref = _torch_backward(grad, hidden, weight, b, targets, masked, w, lse, softcap, 0, True, True, True)
+        out = ops.fused_elbo_loss_bwd(grad, hidden, weight, b, targets, masked, w, lse, softcap, chunk_size,
+                                      True, True, True)
+        for name, r, o in zip(("grad_hidden", "grad_weight", "grad_bias"), ref, out):
+            assert o.dtype == dtype, name
+            torch.testing.assert_close(o.float(), r.float(), **_tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_cpp_tiling_plan_is_valid_for_every_row_count(cuda):
+    """The tiling is a host function of the sizes shared by the CPU and CUDA backends: N = 0 included, it
+    gives at least one row and a tile within the vocabulary, and never more logits than the budget
+    (defect 2 of issue 12 was a division by the row count on CUDA)."""
+    budget = 2**25 if cuda else 2**21
+    for backward in (False, True):
+        for n in (0, 1, 31, 4096, 10**6):
+            for V, H in ((53, 24), (126464, 4096), (16384, 256)):
+                rows, width = ops.fused_elbo_loss_tiles(backward, n, V, H, 0, cuda)
+                assert 1 <= rows <= max(n, 1) and 1 <= width <= V
+                assert width == V if not backward else width == min(V, max(512, (2**24 if cuda else 2**18) // H))
+                assert rows * width <= max(budget, width), (backward, n, V, H)
+                assert ops.fused_elbo_loss_tiles(backward, n, V, H, 7, cuda)[0] == max(1, min(7, n))
+    with pytest.raises(RuntimeError, match="num_rows >= 0"):
+        ops.fused_elbo_loss_tiles(True, -1, 10, 10, 0, cuda)
+
+
+def test_cpp_out_of_range_targets_fail_loudly_in_both_passes():
+    """Never garbage from an out-of-range target, even when the Python checks are bypassed (defect 3)."""
+    hidden, weight, b, targets, masked, w, grad = _elbo_case(torch.float32, False)
+    _, lse = ops.fused_elbo_loss_fwd(hidden, weight, b, targets, masked, w, None, 0)
+    for value in (weight.shape[0], -1):
+        bad = targets.clone()
+        bad[tuple(masked.nonzero()[-1])] = value
+        with pytest.raises(RuntimeError, match="outside"):
+            ops.fused_elbo_loss_fwd(hidden, weight, b, bad, masked, w, None, 0)
+        with pytest.raises(RuntimeError, match="outside"):
+            ops.fused_elbo_loss_bwd(grad, hidden, weight, b, bad, masked, w, lse, None, 0, True, True, False)
+    # An out-of-range target at an unmasked position is never read.
+    ok = targets.clone()
+    ok[~masked] = -7
+    torch.testing.assert_close(ops.fused_elbo_loss_fwd(hidden, weight, b, ok, masked, w, None, 0),
+                               ops.fused_elbo_loss_fwd(hidden, weight, b, targets, masked, w, None, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_backward_is_deterministic(dtype):
+    hidden, weight, b, targets, masked, w, grad = _elbo_case(dtype, True, B=4, L=32, H=256, V=2500, seed=6)
+    _, lse = ops.fused_elbo_loss_fwd(hidden, weight, b, targets, masked, w, 3.0, 0)
+    for chunk_size in (0, 7):
+        runs = [ops.fused_elbo_loss_bwd(grad, hidden, weight, b, targets, masked, w, lse, 3.0, chunk_size,
+                                        True, True, True) for _ in range(2)]
+        for first, second in zip(*runs):
+            assert torch.equal(first, second)
+
+
+def test_cpp_backward_allocates_no_fp32_vocab_buffer():
+    """Issue 12's target: one bf16 backward at V = 16384, H = 256, 32 masked rows peaks at most 1.5x the
+    bf16 grad W it returns (4.3x before the vocabulary-outer redesign), from the allocator's events."""
+    V, H = 16384, 256
+    hidden, weight, _, targets, masked, w, grad = _elbo_case(torch.bfloat16, False, B=2, L=32, H=H, V=V, seed=2)
+    masked = torch.zeros_like(masked)
+    masked[:, ::2] = True
+    assert int(masked.sum()) == 32
+    _, lse = ops.fused_elbo_loss_fwd(hidden, weight, None, targets, masked, w, None, 0)
+    with track_peak_memory("cpu") as mem:
+        _, grad_w, _ = ops.fused_elbo_loss_bwd(grad, hidden, weight, None, targets, masked, w, lse, None, 0,
+                                               True, True, False)
+    grad_w_bytes = grad_w.numel() * grad_w.element_size()
+    assert mem.peak_bytes <= 1.5 * grad_w_bytes, mem.peak_bytes / grad_w_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 256, 128, 32000), (2, 2048, 64, 4096)])
+def test_cpp_declared_workspace_matches_the_allocator(dtype, shape):
+    """bgpo.memory's simulator counts what the "cpu" backend really allocates (forward + backward, all
+    masked), within 5%: the workspace declaration follows the extension's own tiling."""
+    b, l, h, v = shape
+
+    def build():
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(b, l, h, generator=g).to(dtype).requires_grad_()
+        weight = (torch.randn(v, h, generator=g) * 0.1).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (b, l), generator=g)
+        return hidden, weight, targets, torch.ones(b, l, dtype=torch.bool), torch.ones(b), torch.ones(b)
+
+    def run(*args):
+        bgpo.fused_elbo_loss(*args, num_samples=2, backend="cpu").loss.backward()
+
+    inputs = build()
+    with track_peak_memory("cpu") as real:
+        run(*inputs)
+    with FakeTensorMode():
+        inputs = build()
+        with track_fake_memory() as fake:
+            run(*inputs)
+    assert abs(fake.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (real.peak_bytes, fake.peak_bytes)
+
+
+def test_declared_workspace_has_no_vocab_sized_fp32_buffer():
+    """At LLaDA-8B's head (V = 126464, H = 4096, bf16, 2048 masked rows) each backend of bgpo._C declares
+    less than the bf16 grad W it returns (the former design held an fp32 (V, H) buffer: 2x that), and the
+    "cuda" backend declares its own (CUDA) tiling even on the CPU tensors the simulator may give it."""
+    hidden = torch.empty(1, 2048, 4096, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(126464, 4096, dtype=torch.bfloat16, device="meta")
+    declared = {name: registered_backend("fused_elbo_loss", name).impl.workspace_bytes
+                for name in ("cpu", "cuda")}
+    for name, fn in declared.items():
+        assert fn("backward", hidden, weight, 0, True) < weight.numel() * 2, name
+    # CUDA: one row block (R = 2048), Vt = 4096: N(Hs + 32) + R Vt (4 + s) + N H (4 + s)
+    N, H, Vt = 2048, 4096, 4096
+    assert declared["cuda"]("backward", hidden, weight, 0, True) == N * (2 * H + 32) + N * Vt * 6 + N * H * 6
+    assert declared["cpu"]("backward", hidden, weight, 0, True) != declared["cuda"]("backward", hidden, weight, 0, True)
+
+
+def test_cuda_backend_refuses_gpus_older_than_sm80(monkeypatch):
+    """Defect 5: the kernels are built for sm_80+ (bf16); an older GPU is refused with the reason."""
+    monkeypatch.setattr(_cpp, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    reason = _cpp._cuda_available(torch.device("cuda", 0))
+    assert reason is not None and "sm_75" in reason and "8.0" in reason and "Tesla T4" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _cpp._cuda_available(torch.device("cuda", 0)) is None
+
+
+def test_default_arch_list_embeds_ptx_for_newer_gpus():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_ext_config
+    finally:
+        sys.path.remove(str(ROOT))
+    archs = build_ext_config.DEFAULT_ARCH_LIST.split(";")
+    assert archs[0] == "8.0" and any(a.endswith("+PTX") for a in archs), archs
+    assert "80-real 90" in (ROOT / "CMakeLists.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,14 @@ def test_a_few_steps_train(tmp_path, objective, extra):
     assert changed > 0
 
 
+def test_threshold_sampler_and_its_metrics_are_logged(tmp_path):
+    trainer = trl_tiny.trainer(tmp_path, sampler_threshold=0.0)  # every block in one forward
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["rollout/forwards_per_answer"] == 2 for entry in logs)  # 8 tokens, blocks of 4
+    assert all(entry["rollout/parallel_fraction"] == 1.0 and entry["rollout/tokens_per_s"] > 0 for entry in logs)
+
+
 def _update_peak(tmp_path, objective, num_mc_samples):
     """Peak memory (bytes) of a training step that only updates: the rollout happened in the step before."""
     trainer = trl_tiny.trainer(tmp_path, trl_tiny.model(hidden=64), objective=objective, num_mc_samples=num_mc_samples,
@@ -147,7 +155,8 @@ def test_ddp_and_deepspeed_zero2_and_zero3_over_two_processes_agree(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("objective", "ppo"), ("num_mc_samples", 0), ("mask_scheme", "uniform"), ("block_length", 3),
-    ("diffusion_steps", 3), ("beta", -0.1), ("remasking", "entropy"),
+    ("diffusion_steps", 3), ("beta", -0.1), ("remasking", "entropy"), ("sampler_threshold", 1.5),
+    ("sampler_threshold", True),
 ])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     options = dict(output_dir=str(tmp_path), max_completion_length=8, block_length=4, diffusion_steps=4,

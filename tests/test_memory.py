@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bgpo
 from bgpo.memory import track_fake_memory, track_peak_memory
-from bgpo.models import LLaDAConfig, LLaDAModelLM
+from bgpo.models import LLaDAConfig, LLaDAModelLM, enable_activation_checkpointing
 from bgpo.reference import fused_elbo_loss_reference
 
 
@@ -71,8 +71,9 @@ def test_simulated_model_step_matches_the_allocator():
     assert abs(fake - real) <= 0.1 * real, (real, fake)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 @pytest.mark.parametrize("objective", ["bgpo", "vrpo"])
-def test_simulated_policy_update_matches_the_allocator(objective):
+def test_simulated_policy_update_matches_the_allocator(objective, checkpointing):
     """The step benchmarks/memory_vs_nt.py simulates for LLaDA-8B, on a tiny LLaDA whose LM head, as
     LLaDA's, is small beside the activations; as there, each parameter's gradient is dropped once
     accumulated (a reduce-scatter would free it).  (Under a dispatch mode autograd sums the gradients of
@@ -86,6 +87,8 @@ def test_simulated_policy_update_matches_the_allocator(objective):
                                                 pad_token_id=4094))
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        if checkpointing:  # as every LLaDA-8B config and the simulation by default
+            enable_activation_checkpointing(model)
         batch = PolicyBatch(input_ids=torch.randint(0, 4000, (4, 96)), prompt_length=32,
                             response_mask=torch.ones(4, 64, dtype=torch.bool),
                             advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), sequence_ids=torch.arange(4))

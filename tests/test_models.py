@@ -54,7 +54,8 @@ def test_config_round_trip_and_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     assert LLaDAConfig.from_json(tmp_path) == config
     derived = LLaDAConfig.from_dict(dict(d_model=64, n_layers=1, n_heads=4, vocab_size=32, mlp_ratio=2,
-                                         multi_query_attention=True, mask_token_id=31))
+                                         multi_query_attention=True, mask_token_id=31, eos_token_id=30,
+                                         pad_token_id=30))
     assert derived.mlp_hidden_size == 128 and derived.num_kv_heads == 1
 
 
@@ -226,6 +227,79 @@ def test_loading_errors_name_the_problem(tmp_path):
         load_llada_weights(model, wrong)
     with pytest.raises(FileNotFoundError):
         load_llada_weights(model, tmp_path / "nowhere")
+
+
+
+def test_broken_checkpoint_files_are_named(tmp_path):
+    config = LLaDAConfig.preset("tiny")
+    model = LLaDAModelLM(config)
+    safetensors_torch.save_file(_original_state_dict(config), tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated download
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_llada_weights(model, tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    for content in ('{"metadata": {}}', "[1, 2]", "{not json", '{"weight_map": ["a"]}'):
+        index.write_text(content)
+        with pytest.raises(ValueError, match="model.safetensors.index.json is not a safetensors index"):
+            load_llada_weights(model, tmp_path)
+    index.write_text('{"weight_map": {"model.transformer.wte.weight": "../../etc/passwd"}}')
+    with pytest.raises(ValueError, match="not a file name"):
+        load_llada_weights(model, tmp_path)
+    index.write_text('{"weight_map": {"model.transformer.wte.weight": "model-00002.safetensors"}}')
+    with pytest.raises(FileNotFoundError, match="model-00002.safetensors is missing"):
+        load_llada_weights(model, tmp_path)
+
+
+# --------------------------------------------------------------------------- Hugging Face export
+def test_exported_config_json_is_llada_8b_s_own():
+    from bgpo.models.export import hf_config
+
+    exported = hf_config(LLaDAConfig.preset("llada-8b"), "bfloat16")
+    assert {key: exported.get(key) for key in LLADA_8B_CONFIG_JSON} == LLADA_8B_CONFIG_JSON
+    assert LLaDAConfig.from_dict(exported) == LLaDAConfig.preset("llada-8b")
+
+
+def test_export_round_trip_of_a_trainer_checkpoint(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from bgpo.cli import main
+    from bgpo.train import Trainer, load_config
+    from bgpo.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, [
+        "model.tokenizer=char", "model.overrides={n_kv_heads: 2}", "data.prompt_template={puzzle}=",
+        "data.train_size=8", "data.eval_size=0", "rollout.group_size=2", "rollout.gen_length=16",
+        "rollout.block_length=16", "rollout.steps=4", "policy.num_samples=1", "batch_size=1", "steps=1",
+        "sft.steps=0", "checkpoint.every=1", "log.progress=false", "log.tensorboard=false", f"output_dir={run}",
+    ]))
+    trainer.train()
+    step = latest_checkpoint(run / "checkpoints")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0  # the run's directory: its newest complete checkpoint
+    assert "config.json" in capsys.readouterr().out
+
+    exported = LLaDAModelLM.from_pretrained(out)
+    assert exported.config == trainer.model.config
+    ids = torch.randint(0, 128, (2, 24))
+    torch.testing.assert_close(exported.logits(ids), trainer.model.logits(ids), rtol=0, atol=0)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert names == set(llada_state_dict(trainer.model))
+    assert all(n.startswith("model.transformer.") for n in names)
+    assert "model.transformer.blocks.1.q_proj.weight" in names
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["architectures"] == ["LLaDAModelLM"] and config_json["n_kv_heads"] == 2
+
+    assert main(["export", str(step), str(out)]) == 2  # never overwrites an export
+    assert "exists" in capsys.readouterr().err
+    from bgpo.models.export import export_hf
+
+    half = export_hf(step, tmp_path / "bf16", dtype="bfloat16")
+    assert {p.dtype for p in LLaDAModelLM.from_pretrained(half).parameters()} == {torch.bfloat16}
+    assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "x")]) == 2
+    assert "not a directory" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- Hugging Face adapter

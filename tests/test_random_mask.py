@@ -6,8 +6,11 @@ import bgpo
 from bgpo import philox
 from bgpo.backends import available_backends
 from bgpo.ops.random_mask import random_mask_torch
+from conftest import TEST_DEVICE
 
-OTHER_BACKENDS = [b for b in available_backends("random_mask", "cpu") if b != "torch"]
+# every backend on the test device (BGPO_TEST_DEVICE), checked against the torch backend on the CPU
+OTHER_BACKENDS = [b for b in available_backends("random_mask", TEST_DEVICE)
+                  if b != "torch" or TEST_DEVICE.type != "cpu"]
 MASK_ID = 99
 
 
@@ -140,10 +143,11 @@ def test_backends_bit_identical_to_torch(backend, scheme, stratify_t):
             kw = dict(seed=seed, sample_index=j, num_samples=n, scheme=scheme, stratify_t=stratify_t,
                       sequence_ids=seq_ids, t_min=0.01)
             ref = _draw(ids, maskable, backend="torch", **kw)
-            out = _draw(ids, maskable, backend=backend, **kw)
-            assert torch.equal(out.masked, ref.masked)
-            assert torch.equal(out.noisy_ids, ref.noisy_ids)
-            assert torch.equal(out.elbo_weight, ref.elbo_weight)
+            out = _draw(ids.to(TEST_DEVICE), maskable.to(TEST_DEVICE), backend=backend,
+                        **dict(kw, sequence_ids=seq_ids.to(TEST_DEVICE)))
+            assert torch.equal(out.masked.cpu(), ref.masked)
+            assert torch.equal(out.noisy_ids.cpu(), ref.noisy_ids)
+            assert torch.equal(out.elbo_weight.cpu(), ref.elbo_weight)
 
 
 def test_reference_is_what_the_op_runs():

@@ -1,11 +1,38 @@
 """Rewards: math (math-verify), Countdown (parsed, never eval'd), Sudoku, the code sandbox, user rewards."""
+import json
 import os
+import sys
 import textwrap
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from bgpo.rewards import (RewardOutput, code_reward, countdown_reward, evaluate_arithmetic, final_answer,
-                          get_reward, math_reward, run_sandboxed, sudoku_reward)
+from bgpo.rewards import (RewardOutput, answer_candidates, code_reward, countdown_reward, evaluate_arithmetic,
+                          extract_equation, final_answer, get_reward, math_reward, run_sandboxed, sudoku_reward)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rewards"
+
+
+def _fixture_records():
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.remove(str(FIXTURES))
+    return make_fixtures
+
+
+def test_reward_fixtures_are_what_the_generator_writes():
+    assert (FIXTURES / "rewards.jsonl").read_text() == _fixture_records().render()
+
+
+@pytest.mark.parametrize("record", [json.loads(line) for line in (FIXTURES / "rewards.jsonl").read_text().splitlines()],
+                         ids=lambda r: f"{r['task']}: {r['format']}")
+def test_rewards_on_real_output_formats(record):
+    out = get_reward(record["task"])(record["completion"], record["example"])
+    assert out.score == pytest.approx(record["score"]), out.reason
 
 
 @pytest.mark.parametrize("completion, score", [
@@ -51,6 +78,41 @@ def test_sudoku_reward_counts_empty_cells_only():
     assert partial.score == pytest.approx(2 / len(empty)) and partial.reason == "incomplete grid"
 
 
+def test_sudoku_copy_back_scores_zero():
+    # Issue 13: the digits 1-4 were kept and the zeros dropped, shifting the given digits onto empty cells.
+    example = {"puzzle": "0104000214003041", "solution": "2134431214233241"}
+    assert sudoku_reward("<answer>1004000214003041</answer>", example).score == 0.0
+    assert sudoku_reward(example["puzzle"], example).score == 0.0
+    # A 0 is a wrong cell, not a skipped one: the cells after it keep their positions.
+    assert sudoku_reward("0" + example["solution"][1:], example).score == pytest.approx(7 / 8)
+
+
+@pytest.mark.parametrize("example, key", [
+    ({"puzzle": "0104", "solution": "2134431214233241"}, "puzzle"),
+    ({"puzzle": "0104000214003041", "solution": "2134431214233240"}, "solution"),
+    ({"solution": "2134431214233241"}, "puzzle"),
+])
+def test_sudoku_bad_example_names_the_field(example, key):
+    with pytest.raises(ValueError, match=f"example\\['{key}'\\]"):
+        sudoku_reward("1234", example)
+
+
+@pytest.mark.parametrize("completion, equation", [
+    ("<answer>\\boxed{87 - 85 + 60}</answer>", "87 - 85 + 60"),
+    ("<answer>\\boxed{(6 \\div 4) \\times 8 = 12}</answer>", "(6 / 4) * 8 "),
+    ("<answer>$2 \\cdot \\frac{6}{3}$</answer>", "2 * ((6)/(3))"),
+])
+def test_countdown_unwraps_boxes_and_latex_operators(completion, equation):
+    assert extract_equation(completion) == equation
+
+
+def test_countdown_bad_example_names_the_field():
+    with pytest.raises(ValueError, match="example\\['numbers'\\]"):
+        countdown_reward("1 + 2", {"numbers": "1 2", "target": 3})
+    with pytest.raises(ValueError, match="example\\['target'\\]"):
+        countdown_reward("1 + 2", {"numbers": [1, 2], "target": "three"})
+
+
 @pytest.mark.parametrize("completion, answer, score", [
     ("So she has 18 apples. #### 18", "She buys 3 bags ... #### 18", 1.0),
     ("The answer is \\boxed{18}.", "#### 18", 1.0),
@@ -65,6 +127,46 @@ def test_math_reward(completion, answer, score):
 
 def test_final_answer_takes_the_last_balanced_box():
     assert final_answer("\\boxed{1} then \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert final_answer("\\boxed{20") is None and final_answer("\\boxed{20", allow_unclosed=True) == "20"
+
+
+@pytest.mark.parametrize("completion, candidates", [
+    ("<answer>\\boxed{800 ml}</answer>", ["800 ml", "800"]),
+    ("<answer>\\boxed{\\text{1,200 dollars}}</answer>", ["\\text{1,200 dollars}", "1200"]),
+    ("<answer>\\boxed{2 x}</answer>", ["2 x"]),             # a single letter is no unit
+    ("<answer> 42 </answer>", ["42"]),
+    ("\\boxed{3} <answer>\\boxed{5}</answer>", ["5"]),      # the answer tags win
+    ("The result is 42.", []),                              # no box, no hashes, no tags: no answer
+])
+def test_math_answer_candidates(completion, candidates):
+    assert answer_candidates(completion) == candidates
+
+
+def test_math_reward_is_thread_safe_and_bounded_in_time():
+    # math-verify's own timeout (signal.alarm) raised in a thread; verify(5, 9^9^9^9) never ends.
+    results = {}
+
+    def score(name, completion, answer):
+        results[name] = math_reward(completion, {"answer": answer}, timeout=3.0)
+
+    threads = [threading.Thread(target=score, args=("right", "\\boxed{\\frac{1}{2}}", "0.5")),
+               threading.Thread(target=score, args=("wrong", "<answer>3</answer>", "#### 4"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["right"].score == 1.0 and results["wrong"].score == 0.0
+    start = time.monotonic()
+    slow = math_reward("<answer>\\boxed{9^{9^{9^{9}}}}</answer>", {"answer": "5"}, timeout=1.0)
+    assert slow.score == 0.0 and "timeout" in slow.reason
+    assert time.monotonic() - start < 30  # the bound, plus starting a fresh worker on a loaded CPU
+    assert math_reward("\\boxed{5}", {"answer": "5"}).score == 1.0  # a new worker replaces the killed one
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), "5", True])
+def test_math_reward_timeout_is_checked(timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        math_reward("\\boxed{5}", {"answer": "5"}, timeout=timeout)
 
 
 def test_code_reward_passes_and_fails_with_a_reason():
@@ -90,7 +192,7 @@ def test_sandbox_time_limit_and_no_secrets(monkeypatch):
     program = textwrap.dedent("""
         import os, sys
         assert "BGPO_TEST_SECRET" not in os.environ
-        assert os.getcwd().split(os.sep)[-1].startswith("bgpo-sandbox-")
+        assert os.getcwd() == "/tmp" and os.environ["HOME"] == "/tmp"  # the sandbox's private tmpfs
         assert sys.stdin.read() == ""
     """)
     assert run_sandboxed(program).score == 1.0

@@ -220,3 +220,78 @@ def test_generates_with_a_hugging_face_model():
     out = generate(model, prompt, gen_length=4, block_length=2, steps=4, temperature=0.7, seed=0, return_order=True)
     assert out.sequences.shape == (2, 7) and (out.order >= 0).all()
     assert torch.equal(out.sequences[:, :3], prompt)
+
+
+def _reference_generate(model, prompt, *, gen_length, block_length, steps, attention_mask=None,
+                        earlier_blocks=True):
+    """LLaDA's published ``generate`` at temperature 0, low_confidence remasking, no CFG, written from
+    the algorithm: the whole sequence is scored, positions after the current block get confidence
+    -inf, every other masked position (earlier blocks included) competes for the step's transfers,
+    and a chosen position takes its prediction (which may be the mask token itself).
+    ``earlier_blocks=False``: the variant that also gives earlier blocks -inf (not LLaDA)."""
+    mask_id = model.mask_token_id
+    batch, prompt_length = prompt.shape
+    x = torch.cat((prompt, torch.full((batch, gen_length), mask_id)), dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat((attention_mask, torch.ones(batch, gen_length, dtype=attention_mask.dtype)), 1)
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    for block in range(num_blocks):
+        end = prompt_length + (block + 1) * block_length
+        masked = (x[:, end - block_length : end] == mask_id).sum(dim=1, keepdim=True)
+        transfers = masked // per_block + (torch.arange(per_block)[None] < masked % per_block)
+        for i in range(per_block):
+            mask_index = x == mask_id
+            logits = model.logits(x, attention_mask).float().double()  # the sampler's fp32 logits
+            x0 = logits.argmax(dim=-1)
+            x0_p = logits.softmax(dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = -math.inf
+            if not earlier_blocks:
+                x0_p[:, : end - block_length] = -math.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -math.inf)
+            for row in range(batch):
+                chosen = confidence[row].topk(int(transfers[row, i])).indices
+                x[row, chosen] = x0[row, chosen]
+    return x
+
+
+def test_earlier_blocks_still_masked_compete_as_in_llada():
+    # Position 0 predicts the mask token with probability .9: it is chosen first and stays masked, and
+    # as in LLaDA it keeps competing (and winning) in later steps and blocks, so nothing else is ever
+    # unmasked.  (A sampler restricted to the current block would give [M, M, 3, 2].)
+    model = _table_model(1, [(MASK, 0.9), (1, 0.5), (2, 0.6), (3, 0.7)])
+    prompt = torch.tensor([[0]])
+    out = generate(model, prompt, gen_length=4, block_length=2, steps=4, return_order=True)
+    assert out.sequences.tolist() == [[0, MASK, MASK, MASK, MASK]]
+    assert out.order.tolist() == [[3, -1, -1, -1]]
+    # Block 0 fills position 1 (.7) at step 0, position 0 (.6) at step 1 (it stays masked); in block 1
+    # position 0 loses step 2 to position 3 (.65) and wins step 3 over position 2 (.55), which stays
+    # masked.  (Restricted to the current block: [M, 1, 2, 3].)
+    rows = [(MASK, 0.6), (1, 0.7), (2, 0.55), (3, 0.65)]
+    out = generate(_table_model(1, rows), prompt, gen_length=4, block_length=2, steps=4, return_order=True)
+    assert out.sequences.tolist() == [[0, MASK, 1, MASK, 3]]
+    assert out.order.tolist() == [[3, 0, -1, 2]]
+    kwargs = dict(gen_length=4, block_length=2, steps=4)
+    for first in ((MASK, 0.9), (MASK, 0.6)):
+        model = _table_model(1, [first] + rows[1:])
+        reference = _reference_generate(model, prompt, **kwargs)
+        assert torch.equal(generate(model, prompt, **kwargs).sequences, reference)
+        assert not torch.equal(reference, _reference_generate(model, prompt, earlier_blocks=False, **kwargs))
+
+
+def test_greedy_tokens_equal_llada_reference_when_the_model_predicts_the_mask():
+    model = _tiny_llada(0)
+    with torch.no_grad():  # a mask-token row in the LM head: the mask id is predicted at some positions
+        head = model.lm_head_weight
+        head[model.mask_token_id] = 6.4 * head[:120].std() * torch.randn(head.shape[1], dtype=head.dtype)
+    pad = model.config.pad_token_id
+    prompt = torch.randint(0, 120, (4, 5))
+    prompt[0, :2] = pad
+    attention = torch.ones_like(prompt)
+    attention[0, :2] = 0
+    for gen_length, block_length, steps in ((12, 4, 12), (12, 3, 8)):
+        kwargs = dict(gen_length=gen_length, block_length=block_length, steps=steps, attention_mask=attention)
+        out = generate(model, prompt, **kwargs).sequences
+        assert torch.equal(out, _reference_generate(model, prompt, **kwargs))
+        assert (out[:, 5:] == model.mask_token_id).any()  # the mask id was predicted and kept

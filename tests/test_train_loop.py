@@ -138,11 +138,13 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     path = trainer.save_checkpoint()
     assert latest_checkpoint(tmp_path / "checkpoints") == path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000002"]
-    assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml"}
+    assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml",
+                                            "complete.json"}
 
 
 def test_signal_finishes_the_step_checkpoints_and_stops(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "steps=5"))
+    previous = signal.getsignal(signal.SIGTERM)
     step = trainer.train_step
 
     def step_then_signal():
@@ -153,13 +155,14 @@ def test_signal_finishes_the_step_checkpoints_and_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
     result = trainer.train()
-    assert result["stopped"] and trainer.step == 2
+    assert result["stopped"] and result["signal"] == signal.SIGTERM and trainer.step == 2
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
-    assert signal.getsignal(signal.SIGTERM) is not trainer.request_stop
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_signal_during_the_warm_up_stops_after_the_current_step(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "sft.steps=20", "sft.batch_size=4"))
+    previous = signal.getsignal(signal.SIGINT)
     steps = []
     forward = trainer.model.hidden_states
 
@@ -171,9 +174,9 @@ def test_signal_during_the_warm_up_stops_after_the_current_step(tmp_path, monkey
 
     monkeypatch.setattr(trainer.model, "hidden_states", forward_then_signal)
     result = trainer.train()
-    assert result == {"kind": "warmup", "stopped": True} and len(steps) == 3
+    assert result == {"kind": "warmup", "stopped": True, "signal": signal.SIGINT} and len(steps) == 3
     assert not trainer.warmed_up and not (tmp_path / "warmup.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is not trainer.request_stop
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

@@ -147,6 +147,21 @@ def test_random_mask_kernel_ties_go_to_lower_column():
                            "stratified", 1e-3, False, False))
 
 
+def test_random_mask_kernel_unusual_strides():
+    """Every pointer argument with unusual strides: transposed ids and mask, expanded sequence ids."""
+    gen = torch.Generator().manual_seed(4)
+    C, B = 29, 3
+    ids = torch.randint(0, 1000, (C, B), generator=gen).to(DEVICE).t()
+    maskable = (torch.rand(C, B, generator=gen) < 0.8).to(DEVICE).t()
+    sequence_ids = torch.tensor([77], device=DEVICE).expand(B)
+    for scheme in ("stratified", "bernoulli"):
+        args = (ids, maskable, sequence_ids, MASK_ID, -9, 1, 3, scheme, 1e-3, False, True)
+        _assert_same_mask(args)
+        contiguous = (ids.contiguous(), maskable.contiguous(), sequence_ids.contiguous(), *args[3:])
+        for a, b in zip(random_mask_forward(*args), random_mask_forward(*contiguous)):
+            assert torch.equal(a, b)
+
+
 def test_random_mask_public_op_triton_backend():
     gen = torch.Generator().manual_seed(1)
     ids, maskable, sequence_ids = _mask_batch(gen, 4, 23)
@@ -351,6 +366,135 @@ def test_fused_elbo_loss_non_contiguous_hidden():
     _check_fp32(_run(inputs, "triton"), _run(inputs, "reference"))
 
 
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_fused_elbo_non_contiguous_elbo_weight(kind):
+    """Regression: the reduce kernel read ``elbo_weight_ptr + b`` whatever the strides (ℓ off by tens of
+    nats for a strided weight, zeros for an expanded one; out-of-bounds reads on a GPU)."""
+    inputs = _elbo_inputs(4, 6, 32, 50, torch.float32, bias=True, seed=31)
+    if kind == "strided":
+        inputs["elbo_weight"] = (torch.rand(8, device=DEVICE) + 0.5)[::2]
+    else:
+        inputs["elbo_weight"] = torch.tensor([1.5], device=DEVICE).expand(4)
+    assert not inputs["elbo_weight"].is_contiguous()
+    _check_fp32(_run(inputs, "triton"), _run(inputs, "reference"))
+
+
+def test_fused_elbo_strided_and_transposed_inputs():
+    """Every tensor argument with unusual strides: a one-sequence batch whose targets/mask rows have stride 2
+    (they flatten to a strided view), hidden transposed from (L, B, H), a column-major W, a strided bias."""
+    gen = torch.Generator().manual_seed(13)
+    B, L, H, V = 1, 7, 24, 45
+    targets = torch.randint(0, V, (B, 2 * L), generator=gen).to(DEVICE)[:, ::2]
+    masked = (torch.rand(B, 2 * L, generator=gen) < 0.7).to(DEVICE)[:, ::2]
+    inputs = dict(
+        hidden=torch.randn(L, B, H, generator=gen).to(DEVICE).transpose(0, 1),
+        weight=(torch.randn(H, V, generator=gen) * 0.3).to(DEVICE).t(),
+        bias=torch.randn(2 * V, generator=gen).to(DEVICE)[::2],
+        targets=targets, masked=masked, elbo_weight=torch.full((B,), 2.0, device=DEVICE),
+        advantages=torch.ones(B, device=DEVICE),
+    )
+    assert targets.reshape(-1).stride(0) == 2 and inputs["weight"].stride(1) != 1
+    _check_fp32(_run(inputs, "triton"), _run(inputs, "reference"))
+    inputs["hidden"] = torch.randn(1, H, generator=gen).to(DEVICE).expand(B, L, H)  # zero strides
+    _check_fp32(_run(inputs, "triton"), _run(inputs, "reference"))
+
+
+def test_fused_elbo_out_of_range_target_is_nan_not_garbage():
+    """Regression: with the host checks skipped (the raw custom op, as under torch.compile), a target outside
+    [0, V) left ℓ reading uninitialised memory; now ℓ and the row's gradients are NaN, other sequences exact."""
+    inputs = _elbo_inputs(3, 5, 16, 40, torch.float32, bias=True, seed=41, mask_rate=1.0)
+    targets = inputs["targets"].clone()
+    targets[1, 2], targets[2, 0] = 40, -3
+    args = (inputs["hidden"], inputs["weight"], inputs["bias"], targets, inputs["masked"], inputs["elbo_weight"])
+    elbo, lse = torch.ops.bgpo.fused_elbo_loss_fwd(*args, None, "triton", 0)
+    assert torch.isnan(elbo[1:]).all() and torch.isfinite(elbo[0])
+    want = fused_elbo_reference(inputs["hidden"][:1], inputs["weight"], inputs["targets"][:1], inputs["masked"][:1],
+                                inputs["elbo_weight"][:1], bias=inputs["bias"])
+    torch.testing.assert_close(elbo[:1], want, rtol=1e-5, atol=1e-5)
+    grad_h, grad_w, grad_b = torch.ops.bgpo.fused_elbo_loss_bwd(torch.tensor([1.0, 0.0, 1.0], device=DEVICE), *args,
+                                                                lse, None, "triton", 0, True, True, True)
+    assert torch.isnan(grad_h[2, 0]).all() and torch.isfinite(grad_h[:2]).all()  # sequence 1: no gradient asked
+    assert torch.isnan(grad_w).any() and torch.isnan(grad_b).any()
+
+
+def _raw_backward(inputs, softcap=None, **launch):
+    lse = fel.fused_elbo_loss_forward(inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
+                                      inputs["masked"], inputs["elbo_weight"], softcap, 0,
+                                      compute_dtype=launch.get("compute_dtype"))[1]
+    grad = torch.linspace(-2.0, 3.0, inputs["hidden"].shape[0], device=DEVICE)
+    return fel.fused_elbo_loss_backward(grad, inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
+                                        inputs["masked"], inputs["elbo_weight"], lse, softcap, 0, True, True,
+                                        inputs["bias"] is not None, **launch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_elbo_backward_chunks_and_determinism(dtype):
+    """The vocabulary chunks of the backward (several, the last one partial) change nothing beyond rounding,
+    and two identical calls give bit-identical gradients (no atomics, fixed summation orders)."""
+    inputs = _elbo_inputs(4, 6, 40, 100, dtype, bias=True, seed=23, mask_rate=0.8)
+    whole = _raw_backward(inputs, softcap=5.0)
+    for chunk in (32, 48, 99):
+        chunked = _raw_backward(inputs, softcap=5.0, v_chunk=chunk)
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    first, again = (_raw_backward(inputs, softcap=5.0, v_chunk=48) for _ in range(2))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert fel._dz_chunk(32, 16384) == 16384 and fel._dz_chunk(2048, 126464) == 8192
+    assert fel._dz_chunk(16384, 126464) == 1024 and fel._dz_chunk(10**6, 126464) == 256
+
+
+def test_fused_elbo_compute_dtype_is_autocast():
+    """``compute_dtype=bf16`` on fp32 inputs (what autocast asks for) gives the bf16 computation, fp32 gradients."""
+    inputs = _elbo_inputs(3, 6, 32, 70, torch.float32, bias=True, seed=5)
+    low = {k: (v.bfloat16() if k in ("hidden", "weight", "bias") else v) for k, v in inputs.items()}
+    def args(d):
+        return d["hidden"], d["weight"], d["bias"], d["targets"], d["masked"], d["elbo_weight"], None, 0
+
+    elbo, lse = fel.fused_elbo_loss_forward(*args(inputs), compute_dtype=torch.bfloat16)
+    elbo_low, lse_low = fel.fused_elbo_loss_forward(*args(low))
+    assert torch.equal(elbo, elbo_low) and torch.equal(lse, lse_low)
+    grads = _raw_backward(inputs, compute_dtype=torch.bfloat16)
+    grads_low = _raw_backward(low)
+    for g, g_low in zip(grads, grads_low):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.bfloat16(), g_low, rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        fel.fused_elbo_loss_forward(*args(inputs), compute_dtype=torch.int32)
+
+
+def test_fused_elbo_backward_memory_has_no_fp32_vocab_buffer(monkeypatch):
+    """The issue's target: bf16, V = 16384, H = 256, 32 masked rows -- one backward peaks at most 1.5x the bf16
+    grad W it returns (the old kernel: 3.0x, an fp32 (V, H) accumulator plus its copy), measured from the CPU
+    allocator's events, and within the declared workspace plus the outputs."""
+    from bgpo.memory import track_peak_memory
+
+    big = [triton.Config({"BLOCK_N": 32, "BLOCK_V": 512, "BLOCK_H": 256}, num_warps=4, num_stages=1)]
+    for kernel in (fel._fwd_kernel, fel._dz_kernel, fel._grad_w_kernel, fel._grad_h_kernel):
+        monkeypatch.setattr(kernel, "configs", big)  # larger interpreter tiles: the same code, fewer programs
+    gen = torch.Generator().manual_seed(0)
+    B, L, H, V = 2, 32, 256, 16384
+    hidden = torch.randn(B, L, H, generator=gen).to(DEVICE, torch.bfloat16)
+    weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(DEVICE, torch.bfloat16)
+    targets = torch.randint(0, V, (B, L), generator=gen).to(DEVICE)
+    masked = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    masked[:, ::2] = True
+    elbo_weight = torch.ones(B, device=DEVICE)
+    args = (hidden, weight, None, targets, masked, elbo_weight, None, 0)
+    with track_peak_memory(DEVICE) as fwd:
+        _, lse = fel.fused_elbo_loss_forward(*args)
+    assert fwd.peak_bytes <= fel.workspace_bytes("forward", hidden, weight, 0) + B * L * 4 + B * 4 + 4096
+    grad_w_bytes = V * H * 2
+    with track_peak_memory(DEVICE) as bwd:
+        outs = fel.fused_elbo_loss_backward(torch.tensor([1.0, -0.5], device=DEVICE), *args[:6], lse, None, 0,
+                                            True, True, False)
+    print(f"backward peak {bwd.peak_bytes / grad_w_bytes:.3f}x the bf16 grad W ({grad_w_bytes} B); "
+          f"forward peak {fwd.peak_bytes} B")
+    assert bwd.peak_bytes <= 1.5 * grad_w_bytes, bwd.peak_bytes / grad_w_bytes
+    outputs = sum(t.numel() * t.element_size() for t in outs)
+    assert bwd.peak_bytes <= fel.workspace_bytes("backward", hidden, weight, 0, True) + outputs + 4096
+
+
 # ----------------------------------------------------------------------------------------------
 # PyTorch integration: opcheck, torch.compile, fake tensors
 # ----------------------------------------------------------------------------------------------
@@ -433,19 +577,49 @@ def test_fake_tensors_flow_at_llada_scale():
 
 
 def test_autotune_configs_fit_the_gpus(monkeypatch):
-    for sm80, sm90 in ((fel._FWD_SM80, fel._FWD_SM90), (fel._BWD_SM80, fel._BWD_SM90)):
-        for configs, smem in ((sm80, 164 * 1024), (sm90, 228 * 1024)):
-            for c in configs:
+    from bgpo_kernels import _configs
+
+    # bf16 operands pipelined per stage: fwd/dz (BN + BV) x BH, grad W BN x (BV + BH), grad h BV x (BN + BH).
+    stage = {id(_configs.FWD): lambda n, v, h: (n + v) * h, id(_configs.DZ): lambda n, v, h: (n + v) * h,
+             id(_configs.GRAD_W): lambda n, v, h: n * (v + h), id(_configs.GRAD_H): lambda n, v, h: v * (n + h)}
+    tables = (_configs.FWD, _configs.DZ, _configs.GRAD_W, _configs.GRAD_H)
+    for table in tables:
+        for arch, smem in ((80, 164 * 1024), (90, 228 * 1024)):
+            for c in table[arch]:
                 n, v, h = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"]
                 assert all(x >= 16 and x & (x - 1) == 0 for x in (n, v, h))
-                assert fel._SPLIT_QUANTUM % v == 0
-                assert c.num_stages * (n + v) * h * 2 <= smem  # bf16 operand pipeline
-    fake_cuda = type("T", (), {"device": torch.device("cuda", 0)})()
-    prune = fel._device_configs(fel._FWD_SM80, fel._FWD_SM90)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert prune(fel._FWD_SM80 + fel._FWD_SM90, {"hidden_ptr": fake_cuda}) == fel._FWD_SM90
+                assert c.num_stages * stage[id(table)](n, v, h) * 2 <= smem
+    for c in _configs.FWD[80] + _configs.FWD[90]:
+        assert fel._SPLIT_QUANTUM % c.kwargs["BLOCK_V"] == 0
+    cuda_tensor = type("T", (), {"device": torch.device("cuda", 0), "data_ptr": lambda self: 0})()
+    for table in tables:
+        prune = _configs.pruner(table)
+        everything = table[80] + table[90]
+        for major, arch in ((9, 90), (8, 80)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+            monkeypatch.delenv(_configs.AUTOTUNE_ENV, raising=False)
+            assert prune(everything, {"N": 3, "h_ptr": cuda_tensor}) == table[arch][:1]  # the fixed default
+            monkeypatch.setenv(_configs.AUTOTUNE_ENV, "1")
+            assert prune(everything, {"N": 3, "h_ptr": cuda_tensor}) == table[arch]  # tuning on request
+    assert [_configs.n_bucket(n) for n in (0, 1, 3, 64, 65)] == [1, 1, 4, 64, 128]
+
+
+def test_available_refuses_gpus_older_than_sm80(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = bgpo_kernels.available(torch.device("cuda", 0))
+    assert reason is not None and "8.0" in reason and "7.5" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert prune(fel._FWD_SM80 + fel._FWD_SM90, {"hidden_ptr": fake_cuda}) == fel._FWD_SM80
+    assert bgpo_kernels.available(torch.device("cuda", 0)) is None
+
+
+def test_pick_split_with_no_masked_rows(monkeypatch):
+    """Regression: the vocabulary split divided by cdiv(N, 128) = 0 when nothing is masked (on CUDA)."""
+    props = type("P", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    cuda = torch.device("cuda", 0)
+    assert fel._pick_split(0, 126464, cuda) == fel._pick_split(1, 126464, cuda)
+    assert fel._pick_split(0, 1000, cuda) == 1000
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

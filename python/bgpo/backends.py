@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "register_backend", "resolve_backend", "registered_backends", "available_backends", "AUTO_ORDER"]
+__all__ = ["Backend", "register_backend", "resolve_backend", "registered_backend", "registered_backends",
+           "available_backends", "AUTO_ORDER"]
 
 # Preference of backend="auto", per device type.  "cpu" is the C++ CPU path of bgpo._C.
 AUTO_ORDER = {
@@ -41,6 +42,11 @@ def register_backend(op: str, backend: Backend) -> None:
 
 def registered_backends(op: str) -> tuple[str, ...]:
     return tuple(_REGISTRY.get(op, {}))
+
+
+def registered_backend(op: str, name: str) -> Backend | None:
+    """The backend registered as ``name`` for ``op``, whether or not it can run here (None if none is)."""
+    return _REGISTRY.get(op, {}).get(name)
 
 
 def available_backends(op: str, device: torch.device | str) -> tuple[str, ...]:

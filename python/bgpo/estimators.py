@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .ops._checks import check_device, check_int, check_shape, check_tensor, check_values
+from .ops._checks import check_device, check_int, check_real, check_shape, check_tensor, check_values
 from .ops.random_mask import column_offsets
 
 __all__ = ["elbo_from_logits", "token_logprobs", "group_advantages", "one_step_mask", "STD_MODES"]
@@ -18,8 +18,16 @@ STD_MODES = ("unbiased", "population", "none")
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """(B, L) fp32 ``log softmax(logits)[target]`` (optionally after ``softcap * tanh(z / softcap)``)."""
+    check_tensor("logits", logits)
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits: expected a floating-point tensor, got {logits.dtype}")
+    check_tensor("targets", targets, integer=True)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (the logits' without the vocabulary), "
+                         f"got {tuple(targets.shape)}")
     z = logits.float()
     if softcap is not None:
+        check_real("softcap", softcap, positive=True)
         z = softcap * torch.tanh(z / softcap)
     return z.log_softmax(dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
@@ -50,6 +58,7 @@ def group_advantages(
         raise ValueError(f"rewards: length {rewards.shape[0]} is not a multiple of group_size={group_size}")
     if std not in STD_MODES:
         raise ValueError(f"std: expected one of {STD_MODES}, got {std!r}")
+    check_real("eps", eps, nonnegative=True)  # eps < 0 could flip a group's signs (std < -eps)
     check_values("rewards", torch.isfinite(rewards), "finite values")
     grouped = rewards.double().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
@@ -82,9 +91,12 @@ def one_step_mask(
         check_tensor(name, mask, dtype=torch.bool)
         check_shape(name, mask, (B, C))
         check_device(name, mask, input_ids)
-    if not 0.0 <= prompt_mask_prob <= 1.0:
+    if isinstance(prompt_mask_prob, bool) or not isinstance(prompt_mask_prob, (int, float)) \
+            or not 0.0 <= prompt_mask_prob <= 1.0:
         raise ValueError(f"prompt_mask_prob: expected a float in [0, 1], got {prompt_mask_prob!r}")
     check_int("iteration", iteration, low=0, high=2**15)
+    check_int("mask_id", mask_id, low=0, high=torch.iinfo(input_ids.dtype).max + 1)
+    check_int("seed", seed, low=-(2**63), high=2**63)
     if sequence_ids is None:
         sequence_ids = torch.arange(B, device=input_ids.device)
     u = philox.rand(seed, column_offsets(sequence_ids, iteration, C))

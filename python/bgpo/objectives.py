@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .ops._checks import check_values
+from .ops._checks import check_int, check_real, check_values
 
 __all__ = [
     "MAX_LOG_RATIO",
@@ -61,32 +61,39 @@ MAX_LOG_RATIO = 10.0
 def _check_clip(clip) -> tuple[float, float] | None:
     if clip is None:
         return None
-    try:
-        low, high = (float(c) for c in clip)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip: expected None or a pair (eps_low, eps_high), got {clip!r}") from None
-    if not (0.0 <= low < 1.0 and high >= 0.0):
+    if isinstance(clip, (str, bytes)) or not hasattr(clip, "__len__") or len(clip) != 2:
+        raise ValueError(f"clip: expected None or a pair (eps_low, eps_high), got {clip!r}")
+    low, high = clip
+    for value in clip:
+        check_real("clip", value, nonnegative=True)
+    if not low < 1.0:
         raise ValueError(f"clip: expected 0 <= eps_low < 1 and eps_high >= 0, got {clip!r}")
-    return low, high
+    return float(low), float(high)
 
 
 def _check_denom(denom, batch: int) -> float:
     if denom is None:
         return float(max(batch, 1))
-    if isinstance(denom, bool) or not isinstance(denom, (int, float)) or not denom > 0:
-        raise ValueError(f"denom: expected a positive number (the responses the loss averages over), got {denom!r}")
+    check_real("denom", denom, positive=True)  # D: the responses the loss averages over
     return float(denom)
 
 
 def _check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+    check_int("num_samples", num_samples, low=1)
     return num_samples
 
 
 def _check_max_log_ratio(max_log_ratio) -> None:
-    if max_log_ratio is not None and not max_log_ratio > 0:
-        raise ValueError(f"max_log_ratio: expected None or a positive float, got {max_log_ratio!r}")
+    if max_log_ratio is not None:
+        check_real("max_log_ratio", max_log_ratio, positive=True)
+
+
+def _check_elbo(elbo) -> torch.Tensor:
+    """ℓ (B,): a 1-D floating-point tensor (it carries the gradient, so its values are not read)."""
+    if not isinstance(elbo, torch.Tensor) or elbo.dim() != 1 or not elbo.dtype.is_floating_point:
+        raise ValueError(f"elbo: expected a 1-D floating-point tensor (one ELBO term per response), got "
+                         f"{getattr(elbo, 'shape', type(elbo).__name__)} {getattr(elbo, 'dtype', '')}".rstrip())
+    return elbo.float()
 
 
 def _check_vector(name: str, value, like: torch.Tensor) -> torch.Tensor:
@@ -128,7 +135,7 @@ def bgpo_bound(
     num_samples = _check_num_samples(num_samples)
     clip = _check_clip(clip)
     _check_max_log_ratio(max_log_ratio)
-    elbo = elbo.float()
+    elbo = _check_elbo(elbo)
     advantages = _check_vector("advantages", advantages, elbo)
     old = elbo.detach() if old_elbo is None else _check_vector("old_elbo", old_elbo, elbo)
     d = elbo - old
@@ -150,7 +157,7 @@ def bgpo_loss(elbo, advantages, old_elbo=None, *, num_samples, denom=None, clip=
 def elbo_pg_loss(elbo, advantages, *, num_samples, denom=None) -> torch.Tensor:
     """``-(1/D) Σ_b A_b ℓ_b / n_t``: the linear ELBO policy gradient of one MC sample."""
     num_samples = _check_num_samples(num_samples)
-    elbo = elbo.float()
+    elbo = _check_elbo(elbo)
     advantages = _check_vector("advantages", advantages, elbo)
     return -(advantages * elbo).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
@@ -168,15 +175,14 @@ def elbo_kl(elbo, ref_elbo, *, num_samples, denom=None, max_log_ratio=MAX_LOG_RA
     """
     num_samples = _check_num_samples(num_samples)
     _check_max_log_ratio(max_log_ratio)
-    elbo = elbo.float()
+    elbo = _check_elbo(elbo)
     x = _clamp_max(_check_vector("ref_elbo", ref_elbo, elbo) - elbo, max_log_ratio)
     return k3(x).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
 
 def _check_kl(name: str, ref, beta) -> bool:
     """True when a KL term is asked for; ValueError when ``beta`` and ``ref`` do not go together."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ValueError(f"beta: expected a float >= 0 (the KL coefficient), got {beta!r}")
+    check_real("beta", beta, nonnegative=True)  # the KL coefficient
     if beta > 0 and ref is None:
         raise ValueError(f"{name}: required when beta > 0 (the k3 KL is to the reference policy)")
     return beta > 0
@@ -252,7 +258,7 @@ def diffu_grpo_loss(
         raise ValueError(f"logp: expected a (B, T) tensor of per-token log-probs, got {getattr(logp, 'shape', logp)}")
     if response_mask.shape != logp.shape:
         raise ValueError(f"response_mask: expected shape {tuple(logp.shape)}, got {tuple(response_mask.shape)}")
-    if not 0 < clip_eps < 1:
+    if isinstance(clip_eps, bool) or not isinstance(clip_eps, (int, float)) or not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps: expected a float in (0, 1), got {clip_eps!r}")
     use_kl = _check_kl("ref_logp", ref_logp, beta)
     logp = logp.float()
@@ -288,9 +294,8 @@ def spg_loss(
     """
     if negative not in SPG_NEGATIVE:
         raise ValueError(f"negative: expected one of {SPG_NEGATIVE}, got {negative!r}")
-    if not beta > 0:
-        raise ValueError(f"beta: expected a positive float, got {beta!r}")
-    if not 0.0 <= mix_weight <= 1.0:
+    check_real("beta", beta, positive=True)
+    if isinstance(mix_weight, bool) or not isinstance(mix_weight, (int, float)) or not 0.0 <= mix_weight <= 1.0:
         raise ValueError(f"mix_weight: expected a float in [0, 1], got {mix_weight!r}")
     if not isinstance(elbos, torch.Tensor) or elbos.dim() != 2:
         raise ValueError(f"elbos: expected a (n_t, B) tensor, got {getattr(elbos, 'shape', type(elbos))}")
@@ -305,8 +310,9 @@ def spg_loss(
 
 def wd1_weights(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) ``softmax_G(A) - softmax_G(-A)`` over each contiguous group of ``group_size`` responses."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: expected an int >= 1, got {group_size!r}")
+    check_int("group_size", group_size, low=1)
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
     if advantages.dim() != 1 or advantages.shape[0] % group_size:
         raise ValueError(
             f"advantages: expected a 1-D tensor whose length is a multiple of group_size={group_size}, "
@@ -323,5 +329,9 @@ def wd1_loss(elbo, advantages, *, group_size: int, num_samples: int = 1) -> torc
     """
     num_samples = _check_num_samples(num_samples)
     weights = wd1_weights(advantages, group_size)
+    elbo = _check_elbo(elbo)
+    if elbo.shape != advantages.shape:  # a (1,) elbo would broadcast, and the weights of a group sum to 0
+        raise ValueError(f"elbo: expected shape {tuple(advantages.shape)} (one term per advantage), "
+                         f"got {tuple(elbo.shape)}")
     prompts = advantages.shape[0] // group_size
-    return -(weights * elbo.float()).sum() / (num_samples * prompts)
+    return -(weights * elbo).sum() / (num_samples * prompts)

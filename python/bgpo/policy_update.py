@@ -5,7 +5,10 @@ the optimizer).  How the graph is held is the point of the library:
 
 * ``bgpo`` and ``wd1`` are linear in the MC samples: for each micro-batch and each sample j, one
   forward, ``fused_elbo_loss``, ``backward`` — the graph of sample j is freed before sample j+1, so
-  peak memory does not grow with n_t.
+  peak memory does not grow with n_t.  With ``samples_per_forward = k`` the micro-batch is repeated k
+  times with the masks of k consecutive samples (the same masks as k separate calls) and one forward
+  and backward covers them: the loss is linear, so the sum over the k·B rows is the sum of the k
+  samples' losses and the gradient is k = 1's; memory grows with k, never with n_t.
 * ``vrpo`` and ``spg`` are not: the n_t graphs of a micro-batch live until one backward, so memory
   grows linearly with n_t (by design; they are here for comparison).
 * ``diffu_grpo`` is d1's one-step estimator: one forward of the fully masked response (prompt tokens
@@ -25,13 +28,14 @@ import torch
 
 from . import objectives
 from .estimators import one_step_mask, token_logprobs
-from .ops._checks import values_readable
+from .ops._checks import check_int, check_real, values_readable
 from .ops.fused_elbo_loss import fused_elbo, fused_elbo_loss
 from .ops.random_mask import random_mask
 
 __all__ = ["PolicyBatch", "accumulate_policy_gradient", "old_policy_elbos", "old_policy_token_logprobs", "OBJECTIVES"]
 
 OBJECTIVES = ("bgpo", "vrpo", "diffu_grpo", "spg", "wd1")
+LINEAR_OBJECTIVES = ("bgpo", "wd1")  # one backward per MC sample (or per samples_per_forward of them)
 
 
 @dataclass
@@ -80,32 +84,50 @@ def _forward_autocast(model, autocast: torch.dtype | None):
     return torch.autocast(model.lm_head_weight.device.type, dtype=autocast)
 
 
-def _sample_elbo(model, batch: PolicyBatch, j: int, *, num_samples, seed, scheme, backend, autocast=None):
-    """The inputs of ``fused_elbo(_loss)`` for MC sample j: the model's forward on the noisy batch."""
+def _sample_elbo(model, batch: PolicyBatch, samples: range, *, num_samples, seed, scheme, backend, autocast=None):
+    """The inputs of ``fused_elbo(_loss)`` for the k MC samples ``samples`` in one forward: the batch's B
+    rows repeated k times (sample-major: row s*B + b is sample ``samples[s]`` of response b)."""
+    k = len(samples)
     sample = random_mask(batch.input_ids, batch.maskable, mask_id=model.mask_token_id, seed=seed,
-                         sample_index=j, num_samples=num_samples, sequence_ids=batch.sequence_ids, scheme=scheme)
+                         sample_index=samples, num_samples=num_samples, sequence_ids=batch.sequence_ids,
+                         scheme=scheme)
     P = batch.prompt_length
+    attention = None if batch.attention_mask is None else batch.attention_mask.repeat(k, 1)
     with _forward_autocast(model, autocast):
-        hidden = model.hidden_states(sample.noisy_ids, batch.attention_mask)[:, P:]
+        hidden = model.hidden_states(sample.noisy_ids.flatten(0, 1), attention)[:, P:]
     hidden = hidden.to(model.lm_head_weight.dtype)
-    return dict(hidden=hidden, weight=model.lm_head_weight, targets=batch.input_ids[:, P:],
-                masked=sample.masked[:, P:], elbo_weight=sample.elbo_weight, bias=model.lm_head_bias,
-                backend=backend)
+    return dict(hidden=hidden, weight=model.lm_head_weight, targets=batch.input_ids[:, P:].repeat(k, 1),
+                masked=sample.masked[:, :, P:].flatten(0, 1), elbo_weight=sample.elbo_weight.flatten(),
+                bias=model.lm_head_bias, backend=backend)
+
+
+def _sample_groups(num_samples: int, samples_per_forward: int) -> list[range]:
+    """0..n_t-1 in consecutive groups of k (the last one shorter when k does not divide n_t)."""
+    return [range(j, min(j + samples_per_forward, num_samples)) for j in range(0, num_samples, samples_per_forward)]
+
+
+def _check_samples_per_forward(samples_per_forward: int, objective: str = "bgpo") -> None:
+    check_int("samples_per_forward", samples_per_forward, low=1)
+    if samples_per_forward > 1 and objective not in LINEAR_OBJECTIVES:
+        raise ValueError(f"samples_per_forward: objective {objective!r} is not linear in the MC samples, so its "
+                         f"samples cannot share a backward; use 1, or one of {LINEAR_OBJECTIVES}")
 
 
 @torch.no_grad()
 def old_policy_elbos(model, batch: PolicyBatch, *, num_samples: int, seed: int, scheme: str = "stratified",
                      micro_batch_size: int | None = None, backend: str = "auto",
-                     autocast: torch.dtype | None = None) -> torch.Tensor:
-    """(n_t, N) ELBO terms ℓ_j^old of the current parameters, to keep as scalars for μ > 1 updates."""
+                     autocast: torch.dtype | None = None, samples_per_forward: int = 1) -> torch.Tensor:
+    """(n_t, N) ELBO terms ℓ_j^old of the current parameters, to keep as scalars for μ > 1 updates
+    (``samples_per_forward`` samples per forward, as in ``accumulate_policy_gradient``)."""
+    _check_samples_per_forward(samples_per_forward)
     step = micro_batch_size or len(batch)
     columns = []
     for start in range(0, len(batch), step):
         micro = batch.slice(slice(start, start + step))
-        columns.append(torch.stack([
-            fused_elbo(**_sample_elbo(model, micro, j, num_samples=num_samples, seed=seed, scheme=scheme,
-                                      backend=backend, autocast=autocast))
-            for j in range(num_samples)
+        columns.append(torch.cat([
+            fused_elbo(**_sample_elbo(model, micro, samples, num_samples=num_samples, seed=seed, scheme=scheme,
+                                      backend=backend, autocast=autocast)).view(len(samples), len(micro))
+            for samples in _sample_groups(num_samples, samples_per_forward)
         ]))
     return torch.cat(columns, dim=1)
 
@@ -131,6 +153,7 @@ def accumulate_policy_gradient(
     ref_elbos: torch.Tensor | None = None,
     beta: float = 0.0,
     backward: Callable[[torch.Tensor], None] | None = None,
+    samples_per_forward: int = 1,
 ) -> dict:
     """Back-propagate the batch's loss for ``objective``; return ``{"loss": float, "elbo": (n_t, N) or None}``.
 
@@ -146,21 +169,36 @@ def accumulate_policy_gradient(
     penalty ``beta * objectives.elbo_kl`` per sample (bgpo, wd1, vrpo; diffu-GRPO takes ``ref_logp`` and
     ``beta`` in ``diffu_grpo_options``).
     ``backward(loss)`` replaces ``loss.backward()`` (e.g. ``accelerator.backward`` under accelerate).
+    ``samples_per_forward`` k (bgpo, wd1): k MC samples share one forward and backward (k need not divide
+    n_t); the gradient is k = 1's, the activations are those of k·B rows.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if not isinstance(batch, PolicyBatch) or len(batch) == 0:
+        raise ValueError(f"batch: expected a PolicyBatch with at least one response, got {batch!r:.80}")
+    check_int("num_samples", num_samples, low=1, high=2**15 + 1)  # random_mask's sample-index range
+    check_int("seed", seed, low=-(2**63), high=2**63)
+    if micro_batch_size is not None:
+        check_int("micro_batch_size", micro_batch_size, low=1)
+    if denom is not None:
+        check_real("denom", denom, positive=True)
+    check_real("beta", beta, nonnegative=True)
     for name, value in (("old_elbos", old_elbos), ("ref_elbos", ref_elbos)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: expected None or a (num_samples, N) tensor, got {type(value).__name__}")
         if value is not None and value.shape != (num_samples, len(batch)):
             raise ValueError(f"{name}: expected shape {(num_samples, len(batch))}, got {tuple(value.shape)}")
     if beta and objective in ("spg", "diffu_grpo"):
         raise ValueError(f"beta: objective {objective!r} takes no ELBO KL term (diffu_grpo: diffu_grpo_options"
                          " 'beta' and 'ref_logp')")
+    _check_samples_per_forward(samples_per_forward, objective)
     if objective == "wd1" and micro_batch_size and micro_batch_size % batch.group_size:
         raise ValueError("micro_batch_size: wd1 needs whole groups in a micro-batch (a multiple of group_size)")
-    denom = float(denom or len(batch))
+    denom = float(len(batch) if denom is None else denom)
     step = micro_batch_size or len(batch)
     micro_batches = -(-len(batch) // step)
-    run_backward = _Backward(micro_batches * (num_samples if objective in ("bgpo", "wd1") else 1), gradient_sync,
+    groups = _sample_groups(num_samples, samples_per_forward)
+    run_backward = _Backward(micro_batches * (len(groups) if objective in LINEAR_OBJECTIVES else 1), gradient_sync,
                              backward)
     total, elbos = 0.0, []
     for start in range(0, len(batch), step):
@@ -174,23 +212,25 @@ def accumulate_policy_gradient(
                        for key, value in (diffu_grpo_options or {}).items()}
             total += run_backward(_diffu_grpo_loss(model, micro, seed, denom, options, autocast))
             continue
-        if objective in ("bgpo", "wd1"):
+        if objective in LINEAR_OBJECTIVES:
             advantages, kind = micro.advantages, "bgpo"
             if objective == "wd1":  # wd1_loss = elbo_pg_loss with A = G * (softmax_G(A) - softmax_G(-A)) and D = N
                 advantages, kind = objectives.wd1_weights(micro.advantages, micro.group_size) * micro.group_size, "elbo"
             columns = []
-            for j in range(num_samples):
+            for samples in groups:  # rows sample-major, as _sample_elbo lays them out
+                k, rows_j = len(samples), slice(samples.start, samples.stop)
                 out = fused_elbo_loss(
-                    **_sample_elbo(model, micro, j, **sample), advantages=advantages,
-                    old_elbo=None if old is None else old[j], num_samples=num_samples, denom=denom,
+                    **_sample_elbo(model, micro, samples, **sample), advantages=advantages.repeat(k),
+                    old_elbo=None if old is None else old[rows_j].flatten(), num_samples=num_samples, denom=denom,
                     objective=kind, clip=clip if kind == "bgpo" else None, max_log_ratio=max_log_ratio,
-                    ref_elbo=None if ref is None else ref[j], beta=beta,
+                    ref_elbo=None if ref is None else ref[rows_j].flatten(), beta=beta,
                 )
-                total += run_backward(out.loss)  # sample j's graph is freed here
-                columns.append(out.elbo)
-            elbos.append(torch.stack(columns))
+                total += run_backward(out.loss)  # these samples' graph is freed here
+                columns.append(out.elbo.view(k, len(micro)))
+            elbos.append(torch.cat(columns))
             continue
-        stacked = torch.stack([fused_elbo(**_sample_elbo(model, micro, j, **sample)) for j in range(num_samples)])
+        stacked = torch.stack([fused_elbo(**_sample_elbo(model, micro, range(j, j + 1), **sample))
+                               for j in range(num_samples)])
         if objective == "vrpo":
             loss = objectives.vrpo_loss(stacked, micro.advantages, old, denom=denom, clip=clip,
                                         max_log_ratio=max_log_ratio, ref_elbos=ref, beta=beta)

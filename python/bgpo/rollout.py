@@ -14,29 +14,58 @@ remainder going to the earliest steps (``divmod(block_length, steps_per_block)``
    for logits above ~709;
 3. the confidence of a position is the probability of its prediction, ``softmax(l)[x0]`` in float64
    (``remasking="low_confidence"``), or uniform noise (``"random"``);
-4. among the still-masked positions of the current block, the ``k_s`` most confident are unmasked.
+4. among the still-masked response positions up to the end of the current block, the ``k_s`` most
+   confident are unmasked.
 
-LLaDA scores every position and gives those after the current block confidence -inf.  Here only the
-current block's rows go through the LM head (the model still sees the whole sequence): positions after
-the block are never chosen in LLaDA either, because the block always has at least ``k_s`` masked
-positions left (its masked count is the sum of the remaining ``k``), and unmasked positions are never
-chosen.  This saves a factor ``(prompt + gen_length) / block_length`` of LM-head work and memory.
-The prompt is never modified.  A step with ``k_s = 0`` (more steps than tokens) changes nothing and
-is skipped without a forward pass.
+Which positions compete (step 4) is LLaDA's reference ``generate`` exactly: it scores every position,
+gives those after the current block confidence -inf and those not masked -inf, so a position of an
+earlier block that is still masked (the model predicted the mask token itself when it was chosen)
+competes again with the current block's.  Here only the rows from the first still-masked response
+position to the end of the block go through the LM head (normally just the block: the model still
+sees the whole sequence), which saves a factor ``(prompt + gen_length) / block_length`` of LM-head
+work and memory; positions after the block are never chosen in LLaDA either, because the candidates
+always number at least ``k_s`` (the block's masked count is at least the sum of the remaining ``k``).
+The one deliberate difference: the prompt is never modified (LLaDA's reference would also fill mask
+tokens inside the prompt; bgpo's trainer pads prompts with the mask id when there is no EOS).  A
+step with ``k_s = 0`` (more steps than tokens) changes nothing and is skipped without a forward pass.
+At temperature 0 the tokens are therefore those of the reference (tests/test_rollout.py compares them
+with a re-implementation of it).
+
+Accelerated sampling (Fast-dLLM; approximate, opt-in):
+
+* ``cache="prefix"``: the first forward of each block runs the whole sequence and stores every layer's
+  keys and values (``bgpo.models.attention.KVCache``); the block's later steps run only the current
+  block and everything after it, attending to the stored keys and values of the prompt and finished
+  blocks.  ``cache="dual"`` runs only the current block, the suffix's keys and values being stored too.
+  The cached keys and values are those of the sequence at the block's first step: exact for that
+  step, stale afterwards (bidirectional attention: a prompt token's key depends on the response).
+* ``threshold=p``: at each step every candidate whose confidence exceeds ``p`` is unmasked, and at
+  least the most confident one of each row; a block then takes 1 .. block_length forwards.
+* In these modes the candidates are the current block's positions not chosen yet (Fast-dLLM), so an
+  earlier block's position is never reconsidered and a block always finishes.
+
+Metrics (``GenerationOutput``): forward passes (each over the whole batch: also the forwards per
+answer), response tokens per second, fraction of tokens unmasked in parallel (more than one per row
+and step).
 
 Batching: every row of the batch has the same schedule (all rows start a block with the whole block
 masked), so a step is one forward pass and one ``topk`` for the whole batch, with no loop over rows.
 """
 from __future__ import annotations
 
+import itertools
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["generate", "GenerationOutput", "transfer_schedule", "REMASKING"]
+from .models.attention import KVCache
+
+__all__ = ["generate", "GenerationOutput", "transfer_schedule", "REMASKING", "CACHES"]
 
 REMASKING = ("low_confidence", "random")
+CACHES = (None, "prefix", "dual")
 
 # Rows of float64 logits processed at once when sampling: bounds the extra memory of the float64
 # copy and its Gumbel noise to a few hundred MB whatever batch x block_length x vocabulary is.
@@ -45,12 +74,20 @@ _SAMPLING_CHUNK_ELEMENTS = 1 << 24
 
 class GenerationOutput(NamedTuple):
     """``sequences`` (B, P + gen_length): prompts followed by responses.
-    ``order`` (B, gen_length) if requested: the step (0 .. steps-1, counted over the whole response)
-    at which each response position was unmasked; -1 if it never was (the model predicted the mask
-    token itself, which LLaDA's sampler also leaves in place)."""
+    ``order`` (B, gen_length) if requested: the step (0 .. steps-1, counted over the whole response;
+    with ``threshold``, the index of the forward pass) at which each response position was unmasked;
+    -1 if it never was (the model predicted the mask token itself, which LLaDA's sampler also leaves
+    in place).
+    ``forwards``: model forward passes, each over the whole batch, so also the forwards per answer.
+    ``tokens_per_second``: response tokens of the whole batch over the wall time of the call.
+    ``parallel_fraction``: the fraction of response tokens unmasked at a step that unmasked more than
+    one token of their row."""
 
     sequences: torch.Tensor
     order: torch.Tensor | None
+    forwards: int = 0
+    tokens_per_second: float = 0.0
+    parallel_fraction: float = 0.0
 
 
 def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
@@ -83,20 +120,45 @@ def _generator(seed, device: torch.device) -> torch.Generator | None:
     return generator
 
 
-def _block_logits(model, x, attention_mask, lo: int, hi: int, prompt_length: int, mask_id: int, cfg_scale: float):
-    """fp32 logits (B, hi - lo, V) of the current block, with classifier-free guidance if asked."""
+def _block_logits(model, x, attention_mask, lo: int, hi: int, prompt_length: int, mask_id: int, cfg_scale: float,
+                  cached=None):
+    """fp32 logits (B, hi - lo, V) of columns lo .. hi-1, with classifier-free guidance if asked.
+
+    ``cached``: None, or ``(cache, kv_cache, refresh)``: ``refresh`` runs the whole sequence and
+    stores its keys and values; otherwise only columns lo .. end are run against the cache, with
+    end = T for ``"prefix"`` (current block and suffix recomputed) and hi for ``"dual"``."""
     inputs, mask = x, attention_mask
     if cfg_scale > 0:
         unconditional = x.clone()
         unconditional[:, :prompt_length] = mask_id
         inputs = torch.cat((x, unconditional))
         mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask))
-    hidden = model.hidden_states(inputs, mask)[:, lo:hi]
+    if cached is None:
+        hidden = model.hidden_states(inputs, mask)[:, lo:hi]
+    else:
+        cache, kv_cache, refresh = cached
+        if refresh:
+            hidden = model.hidden_states(inputs, mask, kv_cache=kv_cache)[:, lo:hi]
+        else:
+            end = inputs.shape[1] if cache == "prefix" else hi
+            hidden = model.hidden_states(inputs[:, lo:end], mask, kv_cache=kv_cache, cache_start=lo)[:, : hi - lo]
     logits = F.linear(hidden, model.lm_head_weight, model.lm_head_bias).float()
     if cfg_scale > 0:
         conditional, unconditional_logits = logits.chunk(2)
         logits = unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)
     return logits
+
+
+def _choose(confidence: torch.Tensor, count: int | None, threshold: float | None) -> torch.Tensor:
+    """(B, L) bool, the positions unmasked this step; non-candidates have confidence -inf.
+    ``threshold`` None: the ``count`` most confident.  Else every candidate above the threshold,
+    and the most confident one of each row that has a candidate (at least one per step)."""
+    chosen = torch.zeros_like(confidence, dtype=torch.bool)
+    if threshold is None:
+        return chosen.scatter_(1, confidence.topk(count, dim=-1).indices, True)
+    candidate = confidence > float("-inf")
+    chosen = candidate & (confidence > threshold)
+    return chosen.scatter_(1, confidence.argmax(dim=-1, keepdim=True), candidate.any(dim=-1, keepdim=True))
 
 
 def _predict(logits: torch.Tensor, temperature: float, remasking: str, generator):
@@ -140,6 +202,8 @@ def generate(
     seed: int | torch.Generator | None = None,
     group_size: int = 1,
     return_order: bool = False,
+    cache: str | None = None,
+    threshold: float | None = None,
 ) -> GenerationOutput:
     """Sample responses with LLaDA's block diffusion sampler.
 
@@ -158,6 +222,10 @@ def generate(
         seed: an int, a ``torch.Generator`` on the prompts' device, or None for torch's global RNG.
         group_size: G responses per prompt; rows ``b*G .. b*G + G-1`` of the output answer prompt b.
         return_order: also return the step at which each response position was unmasked.
+        cache: None (exact), ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate KV cache, see
+            "Accelerated sampling" above; needs a model with ``supports_kv_cache``.
+        threshold: None (the step schedule), or unmask every position of the block whose
+            confidence exceeds it, at least one per row and step (``steps`` then only validates).
 
     Returns:
         ``GenerationOutput(sequences, order)``; ``order`` is None unless ``return_order``.
@@ -187,6 +255,18 @@ def generate(
     _check_non_negative("cfg_scale", cfg_scale)
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache: expected one of {CACHES}, got {cache!r}")
+    if cache is not None and not getattr(model, "supports_kv_cache", False):
+        raise ValueError(
+            f"cache: {type(model).__name__} cannot run on a slice of the sequence against cached keys and "
+            "values (no supports_kv_cache); use cache=None, or bgpo.models.LLaDAModelLM"
+        )
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold: expected None or a probability in [0, 1], got {threshold!r}")
+        if remasking != "low_confidence":
+            raise ValueError(f"threshold: compares low_confidence probabilities; remasking={remasking!r} has none")
     mask_id = model.mask_token_id if mask_id is None else mask_id
     eos_id = model.eos_token_id if eos_id is None else eos_id
     if suppress_eos and eos_id is None:
@@ -206,21 +286,44 @@ def generate(
     order = torch.full((batch, gen_length), -1, dtype=torch.long, device=device) if return_order else None
 
     schedule = transfer_schedule(block_length, steps // num_blocks)
-    step = 0
+    exact = cache is None and threshold is None
+    kv_cache = None if cache is None else KVCache()
+    began = time.perf_counter()
+    forwards = parallel = step = 0
     for block in range(num_blocks):
         lo = prompt_length + block * block_length
         hi = lo + block_length
-        window = x[:, lo:hi]  # a view: writing into it updates x
-        for count in schedule:
-            if count:
-                logits = _block_logits(model, x, attention_mask, lo, hi, prompt_length, mask_id, cfg_scale)
-                if suppress_eos:
-                    logits[..., eos_id] = float("-inf")
-                tokens, confidence = _predict(logits, temperature, remasking, generator)
-                confidence = confidence.masked_fill(window != mask_id, float("-inf"))
-                chosen = confidence.topk(count, dim=-1).indices
-                window.scatter_(1, chosen, tokens.gather(1, chosen))
-                if order is not None:
-                    order[:, lo - prompt_length : hi - prompt_length].scatter_(1, chosen, step)
+        pending = None if exact else torch.ones(batch, block_length, dtype=torch.bool, device=device)
+        refresh = True  # the first forward of a block refreshes the KV cache
+        for count in (schedule if threshold is None else itertools.repeat(None)):
+            if threshold is not None and not pending.any():
+                break
+            if count == 0:
+                step += 1
+                continue
+            if exact:  # LLaDA: still-masked positions of earlier blocks compete too
+                first = int((x[:, prompt_length:hi] == mask_id).any(dim=0).nonzero()[0])
+                start = min(lo, prompt_length + first)
+                candidates = x[:, start:hi] == mask_id
+            else:
+                start, candidates = lo, pending
+            cached = None if cache is None else (cache, kv_cache, refresh)
+            logits = _block_logits(model, x, attention_mask, start, hi, prompt_length, mask_id, cfg_scale, cached)
+            refresh = False
+            forwards += 1
+            if suppress_eos:
+                logits[..., eos_id] = float("-inf")
+            tokens, confidence = _predict(logits, temperature, remasking, generator)
+            chosen = _choose(confidence.masked_fill(~candidates, float("-inf")), count, threshold)
+            x[:, start:hi] = torch.where(chosen, tokens, x[:, start:hi])
+            if pending is not None:
+                pending &= ~chosen
+            per_row = chosen.sum(dim=-1)
+            parallel += int(per_row[per_row > 1].sum())
+            if order is not None:
+                order[:, start - prompt_length : hi - prompt_length].masked_fill_(chosen, step)
             step += 1
-    return GenerationOutput(x, order)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    return GenerationOutput(x, order, forwards, batch * gen_length / seconds, parallel / (batch * gen_length))

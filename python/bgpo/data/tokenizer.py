@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CharTokenizer", "load_tokenizer", "render_prompt", "tokenize", "encode_prompts", "encode_responses"]
+__all__ = ["CharTokenizer", "load_tokenizer", "render_prompt", "tokenize", "encode_prompts", "encode_responses",
+           "tokenizer_vocab_size", "check_tokenizer_matches"]
 
 
 class CharTokenizer:
@@ -54,6 +55,44 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = True):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Number of ids the tokenizer can produce: ``len(tokenizer)`` (added tokens included), else ``vocab_size``."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else int(tokenizer.vocab_size)
+
+
+def check_tokenizer_matches(tokenizer, model) -> None:
+    """ValueError listing every way ``tokenizer`` and ``model`` disagree, before any work is done.
+
+    A mismatch is silent otherwise: prompts index the wrong rows, responses never decode to what the
+    reward reads, and every reward comes out 0.  Checked: the tokenizer's ids fit the model's embedding
+    (``lm_head_weight`` rows); the tokenizer's ``mask_token_id``, if it has one, is the model's; the
+    model's mask and EOS ids are ids of the tokenizer; the model's EOS is the tokenizer's EOS or one of its
+    special tokens (the completions are decoded without special tokens, so any other EOS would be read
+    by the reward as text).
+    """
+    vocab, rows = tokenizer_vocab_size(tokenizer), int(model.lm_head_weight.shape[0])
+    mask_id, eos_id = model.mask_token_id, model.eos_token_id
+    problems = []
+    if vocab > rows:
+        problems.append(f"the tokenizer has {vocab} ids but the model's embedding only {rows} rows")
+    tokenizer_mask = getattr(tokenizer, "mask_token_id", None)
+    if tokenizer_mask is not None and tokenizer_mask != mask_id:
+        problems.append(f"mask token: the tokenizer's is {tokenizer_mask}, the model's {mask_id}")
+    for name, value in (("mask", mask_id), ("EOS", eos_id)):
+        if value is not None and not 0 <= value < vocab:
+            problems.append(f"the model's {name} id {value} is not an id of the tokenizer (0..{vocab - 1})")
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {getattr(tokenizer, "pad_token_id", None)}
+    special |= {i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                if getattr(token, "special", False)}  # added special tokens, which decoding also skips
+    if eos_id is not None and tokenizer_eos is not None and eos_id != tokenizer_eos and eos_id not in special:
+        problems.append(f"EOS: the tokenizer's is {tokenizer_eos}, the model's {eos_id} (not a special token of "
+                        "the tokenizer, so decoding would keep it in the completions)")
+    if problems:
+        raise ValueError("model.tokenizer: the tokenizer does not match the model: " + "; ".join(problems)
+                         + " (set model.tokenizer to the model's own tokenizer)")
 
 
 def render_prompt(tokenizer, text: str, *, use_chat_template: bool = True) -> str:

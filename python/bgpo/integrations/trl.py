@@ -110,6 +110,11 @@ class DiffusionGRPOConfig(GRPOConfig):
     diffusion_steps: int = field(default=128, metadata={"help": "Sampler steps (a multiple of the number of blocks)."})
     remasking: str = field(default="low_confidence", metadata={"help": f"Sampler remasking, one of {REMASKING}."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale of the sampler."})
+    sampler_threshold: float | None = field(
+        default=None, metadata={"help": "Unmask every block position whose confidence exceeds it, at least one per "
+                                        "step (None: the diffusion_steps schedule). No KV cache: the policy is a "
+                                        "Hugging Face model."}
+    )
     mask_id: int | None = field(
         default=None, metadata={"help": "Mask token id (default: the model config's, else the tokenizer's)."}
     )
@@ -124,6 +129,12 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(f"mask_scheme: expected one of {MASK_SCHEMES}, got {self.mask_scheme!r}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking: expected one of {REMASKING}, got {self.remasking!r}")
+        threshold = self.sampler_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= threshold <= 1.0):
+            raise ValueError(f"sampler_threshold: expected None or a probability in [0, 1], got {threshold!r}")
+        if threshold is not None and self.remasking != "low_confidence":
+            raise ValueError(f"sampler_threshold: compares low_confidence probabilities; remasking={self.remasking!r}")
         if self.spg_negative not in SPG_NEGATIVE:
             raise ValueError(f"spg_negative: expected one of {SPG_NEGATIVE}, got {self.spg_negative!r}")
         if self.mc_micro_batch_size is not None and self.mc_micro_batch_size < 1:
@@ -242,7 +253,11 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                            gen_length=self.args.max_completion_length, block_length=self.args.block_length,
                            steps=self.args.diffusion_steps, temperature=self.temperature,
                            remasking=self.args.remasking, cfg_scale=self.args.cfg_scale,
-                           seed=_mix(self._rollout_seed, 0))
+                           threshold=self.args.sampler_threshold, seed=_mix(self._rollout_seed, 0))
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["rollout/forwards_per_answer"].append(float(out.forwards))
+        metrics["rollout/tokens_per_s"].append(out.tokens_per_second)
+        metrics["rollout/parallel_fraction"].append(out.parallel_fraction)
         responses = out.sequences[:, width:].tolist()
         return [_until_eos(tokens, self.eos_token_ids) for tokens in responses], None
 

@@ -181,6 +181,11 @@ class HFMaskedDiffusionAdapter(nn.Module):
             hidden = torch.cat((hidden[:, :1], hidden[:, :-1]), dim=1)
         return hidden
 
+    #: ``generate(cache=...)`` is refused: the Hugging Face models' own caches (LLaDA's remote code, Dream)
+    #: append new keys after the cached ones with shifted positions, an autoregressive cache; running a
+    #: bidirectional slice against the whole cached sequence needs ``bgpo.models.LLaDAModelLM``.
+    supports_kv_cache = False
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self(input_ids, attention_mask)
 

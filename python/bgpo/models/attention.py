@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attend", "flash_attn_varlen", "packed_segment_ids"]
+__all__ = ["attend", "flash_attn_varlen", "packed_segment_ids", "KVCache"]
 
 
 @functools.cache
@@ -32,6 +32,45 @@ def flash_attn_varlen():
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer over a whole (B, T) sequence: the sampler's
+    approximate KV cache (Fast-dLLM).
+
+    A forward without ``cache_start`` stores each layer's (B, T, kv_heads, head_dim) keys and values.
+    A forward with ``cache_start=s`` on the tokens at positions s .. s+n-1 overwrites those n
+    positions' keys and values with fresh ones and lets its queries attend to all T cached positions.
+    The other positions keep the keys and values of the last full forward, computed from the sequence
+    as it was then: that staleness is the approximation (without a causal mask, the keys of a finished
+    block change when a later block is unmasked; a causal LM's would not).
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | None):
+        """Keys and values (B, T, kv_heads, head_dim) that layer ``layer``'s queries attend to."""
+        if start is None:
+            if layer < len(self.keys):
+                self.keys[layer], self.values[layer] = k, v
+            else:
+                self.keys.append(k)
+                self.values.append(v)
+            return k, v
+        if layer >= len(self.keys):
+            raise ValueError("kv_cache: empty; run a forward without cache_start first to fill it")
+        keys, values = self.keys[layer], self.values[layer]
+        end = start + k.shape[1]
+        if keys.shape[0] != k.shape[0] or not 0 <= start < end <= keys.shape[1]:
+            raise ValueError(
+                f"cache_start: positions {start}..{end - 1} of a batch of {k.shape[0]} do not fit the cached "
+                f"{keys.shape[0]} x {keys.shape[1]} positions"
+            )
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        return keys, values
 
 
 def packed_segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

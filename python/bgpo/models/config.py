@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..ops._checks import check_bool, check_int, check_real
+
 __all__ = ["LLaDAConfig"]
 
 # Fields of LLaDA's config.json that select an architecture variant, and the value this
@@ -60,12 +62,15 @@ class LLaDAConfig:
     pad_token_id: int | None = 126081
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
-            raise ValueError(f"n_kv_heads: expected a positive int or None, got {self.n_kv_heads!r}")
+        for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size", "max_sequence_length"):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("n_kv_heads", "embedding_size"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), low=1)
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            check_real(name, getattr(self, name), positive=True)
+        for name in ("include_bias", "include_qkv_bias", "weight_tying"):
+            check_bool(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
@@ -74,10 +79,12 @@ class LLaDAConfig:
             raise ValueError(f"n_kv_heads: {self.num_kv_heads} does not divide n_heads={self.n_heads}")
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError(f"embedding_size: {self.embedding_size} is smaller than vocab_size={self.vocab_size}")
-        if not 0 <= self.mask_token_id < self.padded_vocab_size:
-            raise ValueError(
-                f"mask_token_id: {self.mask_token_id} is outside the embedding ({self.padded_vocab_size} rows)"
-            )
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None or name == "mask_token_id":
+                check_int(name, value)
+                if not 0 <= value < self.padded_vocab_size:
+                    raise ValueError(f"{name}: {value} is outside the embedding ({self.padded_vocab_size} rows)")
 
     @property
     def num_kv_heads(self) -> int:

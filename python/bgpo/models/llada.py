@@ -21,13 +21,14 @@ without memory; ``from_pretrained`` builds on meta and assigns the checkpoint te
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, packed_segment_ids
+from .attention import KVCache, attend, packed_segment_ids
 from .config import LLaDAConfig
 from .rotary import apply_rotary, rotary_tables
 
@@ -65,12 +66,15 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.include_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], **mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv=None, **mask) -> torch.Tensor:
+        """``kv``: this layer's ``KVCache.update`` (bound to the layer and the slice start), or None."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv is not None:
+            k, v = kv(k, v)
         out = attend(q, k, v, **mask)
         return self.o_proj(out.reshape(batch, length, -1))
 
@@ -98,8 +102,8 @@ class LLaDABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], **mask) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, **mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv=None, **mask) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, kv, **mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,6 +161,8 @@ class LLaDAModelLM(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model), after the final norm.
 
@@ -165,12 +171,25 @@ class LLaDAModelLM(nn.Module):
         two positions, so a left-padded sequence gives the same result as the unpadded one.
         ``cu_seqlens`` (with B = 1) packs several sequences in one row, see ``bgpo.models.attention``;
         each restarts at position 0 and attends only to itself.
+
+        ``kv_cache`` (a ``KVCache``, sampling only): without ``cache_start`` the forward stores every
+        layer's keys and values in it; with ``cache_start=s`` the ``input_ids`` (B, n) are the tokens at
+        positions s .. s+n-1 of the cached sequence, their keys and values replace the cached ones and
+        they attend to the whole cached sequence (``attention_mask`` is then the whole sequence's (B, T)).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a 2-D (batch, length) tensor, got shape {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)
         mask: dict = {}
+        if cache_start is not None:
+            if kv_cache is None:
+                raise ValueError("cache_start: needs a kv_cache")
+            if isinstance(cache_start, bool) or not isinstance(cache_start, int) or cache_start < 0:
+                raise ValueError(f"cache_start: expected an int >= 0, got {cache_start!r}")
+            positions = positions + cache_start
+        if kv_cache is not None and cu_seqlens is not None:
+            raise ValueError("kv_cache: not supported with cu_seqlens (the cache is for padded sampling batches)")
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("attention_mask: cannot be combined with cu_seqlens (packed rows have no padding)")
@@ -179,20 +198,27 @@ class LLaDAModelLM(nn.Module):
             positions = positions - cu_seqlens.to(positions.dtype)[packed_segment_ids(cu_seqlens, length)]
             mask = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         elif attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-                )
+            expected = tuple(input_ids.shape)
+            if cache_start is not None and kv_cache.keys:  # keys: the whole cached sequence
+                expected = (input_ids.shape[0], kv_cache.keys[0].shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(f"attention_mask: expected shape {expected}, got {tuple(attention_mask.shape)}")
             mask = dict(key_padding_mask=attention_mask.bool())
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, rope, **mask)
+        for layer, block in enumerate(self.blocks):
+            kv = None if kv_cache is None else functools.partial(kv_cache.update, layer, start=cache_start)
+            x = block(x, rope, kv, **mask)
         return self.norm(x)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What the LM head consumes, (B, T, d_model); calls the module (hooks run)."""
-        return self(input_ids, attention_mask)
+    #: ``bgpo.rollout.generate(cache=...)`` may pass ``kv_cache`` / ``cache_start`` to ``hidden_states``.
+    supports_kv_cache = True
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **cache) -> torch.Tensor:
+        """What the LM head consumes, (B, T, d_model); calls the module (hooks run).  ``cache``:
+        ``kv_cache`` / ``cache_start`` as in ``forward``."""
+        return self(input_ids, attention_mask, **cache)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, V) logits over the padded vocabulary."""

@@ -37,6 +37,7 @@ __all__ = [
     "from_llada_name",
     "to_llada_name",
     "checkpoint_files",
+    "read_safetensors",
     "load_llada_weights",
     "llada_state_dict",
 ]
@@ -92,20 +93,39 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return [path]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [path / shard for shard in sorted(set(weight_map.values()))]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"checkpoint: {index} is not a safetensors index with a 'weight_map' object "
+                             f"({type(error).__name__}: {error})") from None
+        for shard in shards:  # names of files next to the index, never paths elsewhere (hostile input)
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise ValueError(f"checkpoint: {index} names the shard {shard!r}, which is not a file name")
+        return [path / shard for shard in shards]
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"path: no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def _shards(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file (on the CPU); an error names the file."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file, device="cpu")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint: {file} is missing") from None
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own SafetensorError, among others)
+        raise ValueError(f"checkpoint: {file} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def _shards(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
     for file in checkpoint_files(path):
-        yield load_file(file, device="cpu")
+        yield read_safetensors(file)
 
 
 def load_llada_weights(

@@ -28,6 +28,9 @@ class MaskedDiffusionLM(Protocol):
     * ``blocks``: the ``nn.ModuleList`` of transformer blocks (activation checkpointing, FSDP units).
 
     ``attention_mask`` is (B, T) with nonzero entries for real tokens (padding is zero).
+
+    Optional: ``supports_kv_cache = True`` when ``hidden_states`` also takes ``kv_cache`` /
+    ``cache_start`` as ``LLaDAModelLM.forward`` does (``bgpo.rollout.generate(cache=...)`` needs it).
     """
 
     mask_token_id: int

@@ -1,6 +1,9 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -43,7 +46,8 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value >= high):
-        raise ValueError(f"{name}: expected an int in [{low}, {high}), got {value}")
+        bounds = f">= {low}" if high is None else f"< {high}" if low is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value}")
 
 
 def values_readable(tensor: torch.Tensor) -> bool:
@@ -53,5 +57,31 @@ def values_readable(tensor: torch.Tensor) -> bool:
 
 def check_values(name: str, condition: torch.Tensor, expected: str) -> None:
     """Data-dependent check (one host sync); skipped where values cannot be read (see values_readable)."""
-    if values_readable(condition) and not bool(condition.all()):
-        raise ValueError(f"{name}: expected {expected}")
+    check_all_values((name, condition, expected))
+
+
+def check_all_values(*checks: tuple[str, torch.Tensor, str]) -> None:
+    """Several ``(name, condition, expected)`` checks of ``check_values`` for one host sync together;
+    the error names the first argument whose condition fails."""
+    if not checks or not all(values_readable(condition) for _, condition, _ in checks):
+        return
+    passed = torch.stack([condition.all() for _, condition, _ in checks]).tolist()
+    for (name, _, expected), ok in zip(checks, passed):
+        if not ok:
+            raise ValueError(f"{name}: expected {expected}")
+
+
+def check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:
+    """``value`` is a finite real number (not a bool, not a string), ``> 0`` or ``>= 0`` if asked."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and ((positive and not value > 0) or (nonnegative and not value >= 0)):
+        ok = False
+    if not ok:
+        bound = " > 0" if positive else " >= 0" if nonnegative else ""
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """``value`` is a real ``bool`` (a string such as ``"false"`` would read as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")

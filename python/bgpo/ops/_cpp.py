@@ -8,6 +8,7 @@ those modules.  When the extension is absent, bgpo runs on its PyTorch/Triton pa
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from types import SimpleNamespace
@@ -16,7 +17,8 @@ import torch
 
 from ..backends import Backend, register_backend
 
-__all__ = ["load", "available", "has_cuda_kernels", "import_error", "ExtensionNotBuiltWarning", "CPU_AUTO"]
+__all__ = ["load", "available", "has_cuda_kernels", "import_error", "ExtensionNotBuiltWarning", "CPU_AUTO",
+           "MIN_CUDA_CAPABILITY"]
 
 _LIB = "bgpo_C"
 _OPS = ("random_mask", "fused_elbo_loss_fwd", "fused_elbo_loss_bwd", "philox_randint", "philox_rand")
@@ -80,11 +82,22 @@ def _cpu_available(device: torch.device) -> str | None:
     return None
 
 
+# The CUDA kernels are compiled for sm_80 and sm_90 with compute_90 PTX (build_ext_config.DEFAULT_ARCH_LIST):
+# nothing older can run them, and their bf16 GEMMs and conversions need sm_80+.
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
 def _cuda_available(device: torch.device) -> str | None:
     if not has_cuda_kernels():
         return "bgpo._C was built without CUDA (rebuild it with a CUDA toolkit; README, 'Building the extension')"
     if device.type != "cuda":
         return f'the "cuda" backend runs on CUDA tensors, got {device.type} tensors'
+    # without a GPU no CUDA tensor exists to run on; the memory simulator still resolves the backend then
+    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else MIN_CUDA_CAPABILITY
+    if capability < MIN_CUDA_CAPABILITY:
+        major, minor = capability
+        return (f'the "cuda" backend needs a GPU of compute capability 8.0 or newer (sm_80+: bf16, and the '
+                f"architectures bgpo._C is built for), got sm_{major}{minor} ({torch.cuda.get_device_name(device)})")
     return None
 
 
@@ -104,29 +117,38 @@ def _elbo_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight
                                       softcap, chunk_size, need_hidden, need_weight, need_bias)
 
 
-def _elbo_workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
-    """Bytes the C++ fused op allocates inside one call beyond its outputs (``bgpo.memory``), taking a chunk
-    to be full (the masked-row count is data): the fp32 logits buffer, the chunk's gathered hidden rows,
-    the forward's per-row log-probs; for bf16/fp16 on the GPU the dz copy in the input dtype and the fp32
-    grad-W accumulator, on the CPU the fp32 copies of the rows and of one vocabulary block of the weight
-    (16 MB at most) and the fp32 grad-W accumulator."""
+def _elbo_workspace_bytes(cuda, phase, hidden, weight, chunk_size, need_weight=False):
+    """Bytes the C++ (``cuda`` False) or CUDA fused op allocates inside one call beyond its outputs
+    (``bgpo.memory``), whatever device the (fake) tensors claim: the simulator may count the CUDA backend
+    on CPU tensors.
+
+    The masked-row count N is data: it is taken to be B·L (exact when every position is masked, an upper
+    bound otherwise), and grad h is taken to be needed.  The tiling (R rows x Vt columns) is the
+    extension's own (``torch.ops.bgpo_C.fused_elbo_loss_tiles``, csrc/fused_elbo_loss.h).  Both passes
+    hold the (b, l) index of the masked positions and the gathered rows, targets and per-row lse/log-p
+    (or coefficient).  Forward: an R x V fp32 logits chunk; on the CPU for bf16/fp16 also the fp32 copy
+    of the chunk's rows and of one 2**22-element weight block.  Backward: an R x Vt fp32 tile (plus its
+    bf16/fp16 copy on CUDA), grad h's (N, H) fp32 accumulator and its cast; an fp32 Vt x H grad-W tile
+    when the rows take more than one block (or always on the CPU for bf16/fp16, with the fp32 copies of
+    the rows and of the weight tile).  No (V, H) buffer on either device.
+    """
     B, L, H = hidden.shape
     V = weight.shape[0]
-    cuda = hidden.device.type == "cuda"
-    chunk_elements = 2**25 if cuda else 2**21  # kCudaChunkElements / kCpuChunkElements
-    rows = chunk_size if chunk_size > 0 else chunk_elements // V
-    rows = max(1, min(rows, B * L))
+    N = B * L
     size = weight.element_size()
-    low = weight.dtype != torch.float32
-    total = rows * V * 4 + rows * H * size
-    if low and not cuda:
-        total += 2 * rows * H * 4 + max(1, min(V, 2**22 // H)) * H * 4
+    cpu_low = weight.dtype != torch.float32 and not cuda
+    rows, width = _op("fused_elbo_loss_tiles")(phase == "backward", N, V, H, chunk_size, cuda)
+    gathered = N * 16 + N * H * size + N * 8 + 2 * N * 4  # index (N, 2), h, y, lse and logp/coef
     if phase == "forward":
-        return total + B * L * 4
-    if low and cuda:
-        total += rows * V * size
-    if low and need_weight:
-        total += V * H * 4
+        cpu_copies = rows * H * 4 + min(V, max(1, 2**22 // H)) * H * 4 if cpu_low else 0
+        return gathered + rows * V * 4 + cpu_copies + B * L * 4  # + the (B, L) log-p before its sum
+    total = gathered + rows * width * 4 + N * H * 4 + N * H * size * (weight.dtype != torch.float32)
+    if cuda and weight.dtype != torch.float32:
+        total += rows * width * size
+    if cpu_low:
+        total += N * H * 4 + width * H * 4
+    if need_weight and (rows < N or cpu_low):
+        total += width * H * 4
     return total
 
 
@@ -154,8 +176,9 @@ def load() -> bool:
         return False
     register_backend("random_mask", Backend("cpu", _random_mask_impl, _cpu_available, auto=CPU_AUTO["random_mask"]))
     register_backend("random_mask", Backend("cuda", _random_mask_impl, _cuda_available))
-    elbo = SimpleNamespace(forward=_elbo_forward, backward=_elbo_backward,
-                           workspace_bytes=_elbo_workspace_bytes)
-    register_backend("fused_elbo_loss", Backend("cpu", elbo, _cpu_available, auto=CPU_AUTO["fused_elbo_loss"]))
-    register_backend("fused_elbo_loss", Backend("cuda", elbo, _cuda_available))
+    def elbo(cuda):
+        return SimpleNamespace(forward=_elbo_forward, backward=_elbo_backward,
+                               workspace_bytes=functools.partial(_elbo_workspace_bytes, cuda))
+    register_backend("fused_elbo_loss", Backend("cpu", elbo(False), _cpu_available, auto=CPU_AUTO["fused_elbo_loss"]))
+    register_backend("fused_elbo_loss", Backend("cuda", elbo(True), _cuda_available))
     return True

@@ -37,6 +37,7 @@ Gradients come back in the dtype of their input; low-precision inputs are accumu
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -44,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import objectives
-from ..backends import Backend, register_backend, resolve_backend
+from ..backends import Backend, register_backend, registered_backend, resolve_backend
 from ..memory import register_workspace
-from ._checks import check_device, check_int, check_shape, check_tensor, check_values
+from ._checks import check_all_values, check_device, check_int, check_shape, check_tensor
 
 __all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -68,11 +69,6 @@ class ElboLoss(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def _masked_rows(masked: torch.Tensor) -> torch.Tensor:
-    """Flat indices (into B*L) of the masked positions, in row-major order."""
-    return masked.reshape(-1).nonzero().squeeze(1)
-
-
 def _tiles(num_rows: int, vocab: int, hidden_size: int, chunk_size: int) -> tuple[int, int]:
     """(rows per block R, vocabulary columns per tile Vt) of the torch backend.
 
@@ -85,9 +81,16 @@ def _tiles(num_rows: int, vocab: int, hidden_size: int, chunk_size: int) -> tupl
     return max(1, min(rows, num_rows)), width
 
 
-def _tile_logits(h, weight, bias, v0, v1, softcap):
-    """fp32 logits of rows ``h`` against vocabulary columns [v0, v1), and the soft-cap's tanh (or None)."""
-    z = F.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
+def _tile_logits(h32, w32, bias, v0, v1, softcap):
+    """fp32 logits of the rows ``h32`` against the vocabulary columns [v0, v1) (``w32``: those rows of W),
+    and the soft-cap's tanh (or None).
+
+    The operands are fp32 copies of bf16/fp16 inputs (exact: every bf16/fp16 value is an fp32 value), so
+    the logits are the fp32-accumulated products, never rounded to the input dtype before the logsumexp:
+    ℓ agrees to fp32 accuracy with the C++ and Triton backends, which accumulate in fp32 too.  (A bf16
+    matmul would round each logit to 8 bits of mantissa: at |z| ~ 30 that is an error of ~0.1 nat per row.)
+    """
+    z = F.linear(h32, w32, None if bias is None else bias[v0:v1].float())
     if softcap is None:
         return z, None
     capped = torch.tanh(z.div_(softcap))
@@ -95,18 +98,24 @@ def _tile_logits(h, weight, bias, v0, v1, softcap):
 
 
 def _gather_rows(hidden, targets, masked):
+    """(flat indices into B*L of the masked positions in row-major order, their hidden rows in fp32, their
+    targets).
+
+    The op's one host synchronisation on this backend: ``nonzero`` must learn the number of masked rows N
+    to size its output (the work is proportional to N, not to B·L).
+    """
     B, L, H = hidden.shape
-    rows = _masked_rows(masked)
-    return rows, hidden.reshape(B * L, H)[rows], targets.reshape(B * L)[rows]
+    rows = masked.reshape(-1).nonzero().squeeze(1)
+    return rows, hidden.reshape(B * L, H)[rows].float(), targets.reshape(B * L)[rows]
 
 
-def _forward_tile(h, y, weight, bias, v0, v1, softcap, m, s, target_logit):
+def _forward_tile(h32, y, w32, bias, v0, v1, softcap, m, s, target_logit):
     """Fold vocabulary columns [v0, v1) into the running max ``m``, sum ``s`` (logsumexp = m + log s) and
     target logit, in place.
 
     A function of its own so that the tile's logits are freed before the next tile's are allocated.
     """
-    z, _ = _tile_logits(h, weight, bias, v0, v1, softcap)
+    z, _ = _tile_logits(h32, w32, bias, v0, v1, softcap)
     m_new = torch.maximum(m, z.amax(dim=1))
     in_tile = (y >= v0) & (y < v1)
     picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
@@ -120,16 +129,19 @@ def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, 
     only masked rows are computed."""
     B, L, _ = hidden.shape
     V = weight.shape[0]
-    rows, h, y = _gather_rows(hidden, targets, masked)
+    rows, h32, y = _gather_rows(hidden, targets, masked)
     N = rows.numel()
     m = torch.full((N,), -torch.inf, dtype=torch.float32, device=hidden.device)
     s = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    R, Vt = _tiles(N, V, h.shape[1], chunk_size)
+    R, Vt = _tiles(N, V, h32.shape[1], chunk_size)
     for v0 in range(0, V, Vt):
+        v1 = min(v0 + Vt, V)
+        w32 = weight[v0:v1].float()  # a view for fp32 inputs, an exact fp32 copy of the slice otherwise
         for r0 in range(0, N, R):
             r = slice(r0, r0 + R)
-            _forward_tile(h[r], y[r], weight, bias, v0, min(v0 + Vt, V), softcap, m[r], s[r], target_logit[r])
+            _forward_tile(h32[r], y[r], w32, bias, v0, v1, softcap, m[r], s[r], target_logit[r])
+        del w32  # freed before the next tile's copy is made: one tile's copy live at a time
     lse_rows = m + torch.log(s)
     lse = torch.zeros(B * L, dtype=torch.float32, device=hidden.device)
     lse[rows] = lse_rows
@@ -138,15 +150,17 @@ def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, 
     return per_sequence * elbo_weight.float(), lse.view(B, L)
 
 
-def _backward_tile(h, h32, y, lse, coef, weight, w32, bias, v0, v1, softcap, grad_h, grad_w, grad_b):
+def _backward_tile(h32, y, lse, coef, w32, bias, v0, v1, softcap, grad_h, grad_w, grad_b):
     """Add one (row block x vocabulary tile)'s share to grad h, grad W and grad bias (those not None).
 
     ``dz = coef * (onehot - softmax)`` is built in place in the tile's logits, freed on return.
     """
-    z, capped = _tile_logits(h, weight, bias, v0, v1, softcap)
+    z, capped = _tile_logits(h32, w32, bias, v0, v1, softcap)
     dz = z.sub_(lse.unsqueeze(1)).exp_()
-    in_tile = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-    dz[in_tile, y[in_tile] - v0] -= 1.0
+    # softmax - onehot: -1 at the target column of the rows whose target lies in this tile, as a scatter of
+    # 0 or -1 per row (indexing by the rows' nonzero() would cost a host synchronisation per tile)
+    in_tile = (y >= v0) & (y < v1)
+    dz.scatter_add_(1, (y - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1), in_tile.to(dz.dtype).neg_().unsqueeze(1))
     dz.mul_(-coef.unsqueeze(1))
     if capped is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh²
         dz.mul_(1.0 - capped.square_())
@@ -165,9 +179,8 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     grad h accumulates over tiles in an (N, H) fp32 buffer."""
     B, L, H = hidden.shape
     V = weight.shape[0]
-    rows, h, y = _gather_rows(hidden, targets, masked)
+    rows, h32, y = _gather_rows(hidden, targets, masked)
     N = rows.numel()
-    h32 = h.float() if need_weight else None  # fp32 operands of the grad-W matmul (no copy for fp32 inputs)
     lse_rows = lse.reshape(B * L)[rows]
     # ∂loss/∂logp_r = gℓ_b * w_b for the sequence b of row r.
     coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
@@ -177,20 +190,23 @@ def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weigh
     R, Vt = _tiles(N, V, H, chunk_size)
     for v0 in range(0, V, Vt):
         v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float() if need_hidden else None  # ... and of the grad-h matmul
+        w32 = weight[v0:v1].float()
         grad_w_tile = torch.zeros(v1 - v0, H, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_b_tile = torch.zeros(v1 - v0, dtype=torch.float32, device=weight.device) if need_bias else None
         for r0 in range(0, N, R):
             r = slice(r0, r0 + R)
-            _backward_tile(h[r], None if h32 is None else h32[r], y[r], lse_rows[r], coef[r], weight, w32, bias,
-                           v0, v1, softcap, None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
+            _backward_tile(h32[r], y[r], lse_rows[r], coef[r], w32, bias, v0, v1, softcap,
+                           None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
         if need_weight:
             grad_weight[v0:v1] = grad_w_tile
         if need_bias:
             grad_bias[v0:v1] = grad_b_tile
+        del w32, grad_w_tile, grad_b_tile  # freed before the next tile's are allocated
     grad_hidden = hidden.new_empty(0)
     if need_hidden:
-        grad_hidden = torch.zeros_like(hidden)
+        # contiguous whatever hidden's layout (zeros_like would keep a transposed hidden's strides, which
+        # the flat (B*L, H) view below cannot address)
+        grad_hidden = hidden.new_zeros(B, L, H)
         grad_hidden.view(B * L, H)[rows] = grad_h.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
 
@@ -199,23 +215,32 @@ def _torch_workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False)
     """The bytes the torch backend holds inside one call beyond its outputs (``bgpo.memory.track_fake_memory``).
 
     The masked-row count N is data, unknown on fake tensors: it is taken to be B·L, which makes this
-    exact when every position is masked and an upper bound otherwise.  Both passes hold the gathered
-    rows (N·H) and an R x Vt tile of fp32 logits with one temporary of its size; the backward adds
-    grad h's fp32 buffer (N·H), the fp32 copy of the rows for low-precision inputs, and fp32 copies of
-    the weight tile and of the grad-W tile (Vt·H each).  (Checked against the CPU allocator in
-    tests/test_memory.py.)
+    exact when every position is masked and an upper bound otherwise.  With s the input's element size
+    and low = 1 for bf16/fp16 inputs (0 for fp32, whose "fp32 copies" are views):
+
+    * gathering the rows holds them in the input dtype and in fp32 at once: N·H·(s + 4·low);
+    * then the fp32 rows (N·H·4) stay, with per tile the fp32 weight slice (Vt·H·4·low) and an R x Vt
+      fp32 logits tile;
+    * forward adds the running max, sum and target logit (3·N·4);
+    * backward adds grad h's fp32 buffer (N·H·4), the fp32 grad-W tile (Vt·H·4, if W needs a gradient),
+      and at its end grad h in the input dtype (N·H·s) in place of the tiles.
+
+    Soft-capping adds up to two more logits tiles (2·R·Vt·4), not counted (it is not an argument here).
+    (Checked against the CPU allocator in tests/test_memory.py.)
     """
     B, L, H = hidden.shape
     V = weight.shape[0]
     N = B * L
     R, Vt = _tiles(N, V, H, chunk_size)
     size = hidden.element_size()
-    low = size if hidden.dtype != torch.float32 else 0  # fp32 inputs need no fp32 copies
-    gathered = N * H * size
+    low = int(hidden.dtype != torch.float32)
+    gather = N * H * (size + 4 * low)
+    rows32 = N * H * 4
+    tile = Vt * H * 4 * low + R * Vt * 4
     if phase == "forward":
-        return gathered + 3 * N * 4 + R * Vt * (4 + low)
-    tile_copies = Vt * H * 4 * (int(need_weight) + int(low > 0))
-    return gathered + N * H * (4 + (4 if low else 0)) + tile_copies + R * Vt * (4 + low)
+        return max(gather, rows32 + tile) + 3 * N * 4
+    grad_w_tile = Vt * H * 4 * int(bool(need_weight))
+    return max(gather, rows32 + N * H * 4 + max(tile + grad_w_tile, N * H * size))
 
 
 register_backend(
@@ -234,7 +259,14 @@ def _no_autocast(tensor: torch.Tensor):
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-@torch.library.custom_op("bgpo::fused_elbo_loss_fwd", mutates_args=())
+# Host synchronisations left inside the ops: every backend learns the number of masked rows N with
+# nonzero() (its outputs and grid are sized by it), and fused_elbo's value checks cost one more, outside
+# the ops.  A CUDA graph cannot capture a sync: the tag makes torch.compile's CUDA graphs
+# (mode="reduce-overhead") leave these ops out of the graph, and say so, rather than replay stale N.
+SYNC_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("bgpo::fused_elbo_loss_fwd", mutates_args=(), tags=SYNC_TAGS)
 def _fwd_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -257,7 +289,7 @@ def _(hidden, weight, bias, targets, masked, elbo_weight, softcap, backend, chun
     return hidden.new_empty(B, dtype=torch.float32), hidden.new_empty(B, L, dtype=torch.float32)
 
 
-@torch.library.custom_op("bgpo::fused_elbo_loss_bwd", mutates_args=())
+@torch.library.custom_op("bgpo::fused_elbo_loss_bwd", mutates_args=(), tags=SYNC_TAGS)
 def _bwd_op(
     grad_elbo: torch.Tensor,
     hidden: torch.Tensor,
@@ -284,7 +316,7 @@ def _bwd_op(
 def _(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, backend, chunk_size,
       need_hidden, need_weight, need_bias):
     return (
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),  # contiguous, as the backends
         torch.empty_like(weight) if need_weight else weight.new_empty(0),
         torch.empty_like(bias) if need_bias else weight.new_empty(0),
     )
@@ -320,7 +352,10 @@ def _workspace(phase):
     def workspace_bytes(*args):
         hidden, weight = args[:2] if phase == "forward" else args[1:3]
         backend, chunk_size = args[7:9] if phase == "forward" else args[9:11]
-        impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
+        # a named backend declares its workspace whatever device the (fake) tensors claim: the simulator
+        # may count a CUDA backend on fake CPU tensors
+        chosen = registered_backend("fused_elbo_loss", backend) if backend != "auto" else None
+        impl = (chosen or resolve_backend("fused_elbo_loss", backend, hidden.device)).impl
         declared = getattr(impl, "workspace_bytes", None)
         need_weight = phase == "backward" and args[12]
         return 0 if declared is None else declared(phase, hidden, weight, chunk_size, need_weight)
@@ -359,12 +394,27 @@ def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softc
         check_tensor("bias", bias, dtype=hidden.dtype)
         check_shape("bias", bias, (V,))
         check_device("bias", bias, hidden)
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
-        raise ValueError(f"softcap: expected None or a positive float, got {softcap!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, low=1)
-    check_values("targets", ((targets >= 0) & (targets < V)) | ~masked, f"token ids in [0, {V}) at masked positions")
-    check_values("elbo_weight", torch.isfinite(elbo_weight) & (elbo_weight > 0), "finite values > 0")
+    check_all_values(  # one host synchronisation for both
+        ("targets", ((targets >= 0) & (targets < V)) | ~masked, f"token ids in [0, {V}) at masked positions"),
+        ("elbo_weight", torch.isfinite(elbo_weight) & (elbo_weight > 0), "finite values > 0"),
+    )
+
+
+def _autocast_operands(hidden, weight, bias):
+    """Under autocast for the tensors' device, the operands cast to the autocast dtype as a matmul's would be
+    (as Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype; a copy of W is held)."""
+    device_type = hidden.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype == hidden.dtype:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def fused_elbo(
@@ -385,6 +435,7 @@ def fused_elbo(
     samples (e.g. ``bgpo.objectives.vrpo_loss``) on top of the same logit-free kernels.
     """
     _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size)
+    hidden, weight, bias = _autocast_operands(hidden, weight, bias)
     elbo, _ = _fwd_op(
         hidden, weight, bias, targets, masked, elbo_weight,
         None if softcap is None else float(softcap), backend, chunk_size or 0,
@@ -439,6 +490,8 @@ def fused_elbo_loss(
         ref_elbo, beta: the reference policy's ℓ on the same sample (B,) and the KL coefficient: adds
             ``beta * bgpo.objectives.elbo_kl(ℓ, ref_elbo)`` (default beta = 0: no KL).
         softcap: optional logit soft-cap ``cap * tanh(z / cap)``.
+            Under autocast (for the tensors' device) hidden, weight and bias are cast to the autocast dtype
+            first, as a matmul would be; gradients come back in their own dtype.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         chunk_size: rows per block of the torch and C++ backends (default: as many as fit in 2**18 logits
             per tile); it bounds their extra memory.

@@ -30,13 +30,13 @@ A sequence with no maskable position gets weight 1 and no mask (its ELBO term is
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 from .. import philox
 from ..backends import Backend, register_backend, resolve_backend
-from ._checks import check_device, check_int, check_shape, check_tensor, check_values
+from ._checks import check_bool, check_device, check_int, check_shape, check_tensor, check_values
 
 __all__ = ["random_mask", "MaskedSample", "random_mask_torch", "SCHEMES"]
 
@@ -51,6 +51,7 @@ class MaskedSample(NamedTuple):
     noisy_ids: torch.Tensor  # (B, L) input ids with masked positions replaced by mask_id
     masked: torch.Tensor  # (B, L) bool, the positions whose clean token the ELBO scores
     elbo_weight: torch.Tensor  # (B,) fp32, the MC weight w_j (L/l or 1/t, optionally / L)
+    # With several sample indices (k of them) every field gains a leading (k,) dimension.
 
 
 def column_offsets(sequence_ids: torch.Tensor, sample_index: int, num_columns: int) -> torch.Tensor:
@@ -165,7 +166,7 @@ def random_mask(
     *,
     mask_id: int,
     seed: int,
-    sample_index: int,
+    sample_index: int | Sequence[int],
     num_samples: int,
     sequence_ids: torch.Tensor | None = None,
     scheme: str = "stratified",
@@ -182,7 +183,8 @@ def random_mask(
             padding positions must be False; they are never masked.
         mask_id: the mask token id (LLaDA: 126336).
         seed: 64-bit integer seed (the same seed for θ and θ_old; a trainer derives it from the step).
-        sample_index: j in [0, num_samples), the MC sample.
+        sample_index: j in [0, num_samples), the MC sample; or a non-empty sequence of k such indices,
+            to draw k samples at once (each exactly the sample a call with that index alone draws).
         num_samples: n_t, the number of MC samples per sequence (the stratified scheme spreads the
             masked counts of the n_t samples evenly).
         sequence_ids: (B,) integers in [0, 2**31) naming each sequence; the mask depends on the id,
@@ -196,7 +198,8 @@ def random_mask(
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"`` (C++); all give the same bits.
 
     Returns:
-        ``MaskedSample(noisy_ids, masked, elbo_weight)``.
+        ``MaskedSample(noisy_ids, masked, elbo_weight)``; with a sequence of k sample indices, each
+        field is stacked along a leading (k,) dimension: (k, B, L), (k, B, L), (k, B).
     """
     check_tensor("input_ids", input_ids, dims=2, integer=True)
     B, C = input_ids.shape
@@ -205,14 +208,22 @@ def random_mask(
     check_device("maskable", maskable, input_ids)
     if C > MAX_COLUMNS:
         raise ValueError(f"input_ids: at most {MAX_COLUMNS} columns are supported, got {C}")
-    check_int("mask_id", mask_id)
+    # A token id of input_ids' dtype, below 2**31 (the backends hold it in 32 bits; checked here, before any
+    # backend, so that no path writes a negative id or wraps 2**32 + 7 to 7).
+    check_int("mask_id", mask_id, low=0, high=min(2**31, torch.iinfo(input_ids.dtype).max + 1))
     check_int("seed", seed, low=-(2**63), high=2**63)
     check_int("num_samples", num_samples, low=1, high=MAX_SAMPLES + 1)
-    check_int("sample_index", sample_index, low=0, high=num_samples)
+    indices = [sample_index] if isinstance(sample_index, int) else sample_index
+    if isinstance(indices, (str, bytes, torch.Tensor)) or not isinstance(indices, Sequence) or not indices:
+        raise ValueError(f"sample_index: expected an int or a non-empty sequence of ints, got {sample_index!r}")
+    for index in indices:
+        check_int("sample_index", index, low=0, high=num_samples)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
         raise ValueError(f"t_min: expected a float in [0, 1), got {t_min!r}")
+    check_bool("stratify_t", stratify_t)
+    check_bool("length_normalize", length_normalize)
     if sequence_ids is None:
         sequence_ids = torch.arange(B, device=input_ids.device)
     else:
@@ -220,8 +231,11 @@ def random_mask(
         check_shape("sequence_ids", sequence_ids, (B,))
         check_device("sequence_ids", sequence_ids, input_ids)
         check_values("sequence_ids", (sequence_ids >= 0) & (sequence_ids < MAX_SEQUENCE_ID), "values in [0, 2**31)")
-    noisy, masked, weight = _random_mask_op(
-        input_ids, maskable, sequence_ids.to(torch.int64), int(mask_id), int(seed), int(sample_index),
+    # Several indices: one call of the op per index (the draws of sample j depend on j only), stacked.
+    samples = [MaskedSample(*_random_mask_op(
+        input_ids, maskable, sequence_ids.to(torch.int64), int(mask_id), int(seed), int(index),
         int(num_samples), scheme, float(t_min), bool(stratify_t), bool(length_normalize), backend,
-    )
-    return MaskedSample(noisy, masked, weight)
+    )) for index in indices]
+    if isinstance(sample_index, int):
+        return samples[0]
+    return MaskedSample(*(torch.stack(field) for field in zip(*samples)))

@@ -9,15 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Mapping
 
-from .base import RewardOutput, answer_span, as_output
+from .base import RewardOutput, answer_span, as_output, last_boxed
 from .code import code_reward, run_sandboxed
-from .countdown import countdown_reward, evaluate_arithmetic
-from .math import final_answer, math_reward
+from .countdown import countdown_reward, evaluate_arithmetic, extract_equation
+from .math import answer_candidates, final_answer, math_reward
 from .sudoku import sudoku_reward
 
 __all__ = [
-    "RewardOutput", "REWARDS", "get_reward", "answer_span", "math_reward", "final_answer", "countdown_reward",
-    "evaluate_arithmetic", "sudoku_reward", "code_reward", "run_sandboxed",
+    "RewardOutput", "REWARDS", "get_reward", "answer_span", "last_boxed", "math_reward", "final_answer",
+    "answer_candidates", "countdown_reward", "evaluate_arithmetic", "extract_equation", "sudoku_reward",
+    "code_reward", "run_sandboxed",
 ]
 
 REWARDS: dict[str, Callable] = {

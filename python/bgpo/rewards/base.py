@@ -10,7 +10,7 @@ import math
 import re
 from typing import NamedTuple
 
-__all__ = ["RewardOutput", "as_output", "answer_span"]
+__all__ = ["RewardOutput", "as_output", "answer_span", "last_boxed"]
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 
@@ -37,3 +37,23 @@ def answer_span(completion: str) -> str:
     """The text inside the last ``<answer>...</answer>`` (an unclosed tag runs to the end), else all of it."""
     spans = _ANSWER_TAG.findall(completion)
     return (spans[-1] if spans else completion).strip()
+
+
+def last_boxed(text: str, *, allow_unclosed: bool = False) -> str | None:
+    """The contents of the last ``\\boxed{...}`` (balanced braces), or None.
+
+    ``allow_unclosed``: a box still open at the end of ``text`` (a generation that stopped, or an
+    ``</answer>`` before the ``}``) yields everything after its ``{``.
+    """
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[brace + 1 : i]
+    return text[brace + 1 :] if allow_unclosed else None

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +27,19 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-TASKS = ("math", "countdown", "sudoku", "code", "custom")
+REWARD_TASKS = ("math", "countdown", "sudoku", "code")  # = bgpo.rewards.REWARDS (tested)
+TASKS = (*REWARD_TASKS, "custom")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")  # = those bgpo.backends.resolve_backend knows (tested)
+MAX_SAMPLES = 2**15  # = bgpo.ops.random_mask.MAX_SAMPLES: the Philox counter holds the sample index in 15 bits
+MAX_SEED = 2**63 - 1
+SPG_NEGATIVE = ("eubo", "mixture", "elbo")  # = bgpo.objectives.SPG_NEGATIVE (tested)
 
 
-def _opt(default, help: str, choices: tuple | None = None):
-    """A field with a default, a help text and optionally the values it accepts."""
-    metadata = {"help": help, "choices": choices}
+def _opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None):
+    """A field with a default, a help text, optionally the values it accepts and bounds on a number
+    (``ge``: >=, ``gt``: >, ``le``: <=, ``lt``: <; every float must also be finite)."""
+    metadata = {"help": help, "choices": choices, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le),
+                                                                            ("lt", lt)) if v is not None}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -52,9 +62,9 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = _opt(False, "train LoRA adapters (peft) instead of all weights")
-    r: int = _opt(16, "LoRA rank")
-    alpha: int = _opt(32, "LoRA alpha")
-    dropout: float = _opt(0.0, "LoRA dropout")
+    r: int = _opt(16, "LoRA rank", ge=1)
+    alpha: int = _opt(32, "LoRA alpha", ge=1)
+    dropout: float = _opt(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list = _opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                 "module names that get adapters")
 
@@ -67,90 +77,103 @@ class DataConfig:
     split: str = _opt("train", "hub split for training")
     eval_source: str | None = _opt(None, "held-out prompts (same forms as source); None = generated, or eval_split")
     eval_split: str = _opt("test", "hub split for evaluation")
-    train_size: int | None = _opt(10000, "examples to generate / read (None = all of a file or split)")
-    eval_size: int = _opt(64, "held-out prompts evaluated")
+    train_size: int | None = _opt(10000, "examples to generate / read (None = all of a file or split)", ge=1)
+    eval_size: int = _opt(64, "held-out prompts evaluated", ge=0)
     field_map: dict = _opt({}, "column renames, e.g. {problem: question, solution: answer}")
     prompt_template: str | None = _opt(None, "str.format template over the example's fields; None = the task's")
     chat_template: bool = _opt(True, "render prompts through the tokenizer's chat template when it has one")
-    max_prompt_length: int | None = _opt(None, "pad prompts to this length (None = the longest of the step)")
+    max_prompt_length: int | None = _opt(None, "pad prompts to this length (None = the longest of the step)", ge=1)
     generator: dict = _opt({}, "options of the generator (e.g. {min_empty: 4, max_empty: 8})")
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = _opt(8, "G: responses per prompt")
-    gen_length: int = _opt(256, "response length in tokens")
-    block_length: int = _opt(32, "semi-autoregressive block length")
-    steps: int = _opt(128, "diffusion steps for the whole response")
-    temperature: float = _opt(1.0, "sampling temperature for training rollouts (evaluation: log.eval_temperature)")
+    group_size: int = _opt(8, "G: responses per prompt", ge=2)
+    gen_length: int = _opt(256, "response length in tokens", ge=1)
+    block_length: int = _opt(32, "semi-autoregressive block length", ge=1)
+    steps: int = _opt(128, "diffusion steps for the whole response", ge=1)
+    temperature: float = _opt(1.0, "sampling temperature for training rollouts (evaluation: log.eval_temperature)",
+                              ge=0)
     remasking: str = _opt("low_confidence", "which predictions are kept at each step", ("low_confidence", "random"))
-    cfg_scale: float = _opt(0.0, "classifier-free guidance scale")
-    batch_size: int | None = _opt(None, "prompts per generate call (None = the rank's share); seeds per chunk")
+    cfg_scale: float = _opt(0.0, "classifier-free guidance scale", ge=0)
+    batch_size: int | None = _opt(None, "prompts per generate call (None = the rank's share); seeds per chunk", ge=1)
+    cache: str | None = _opt(None, "Fast-dLLM approximate KV cache (None = the exact sampler)", (None, "prefix", "dual"))
+    threshold: float | None = _opt(None, "unmask every block position whose confidence exceeds it, >= 1 per step "
+                                   "(None = the steps schedule)", ge=0, le=1)
 
 
 @dataclass
 class PolicyConfig:
     objective: str = _opt("bgpo", "the policy objective", ("bgpo", "vrpo", "diffu_grpo", "spg", "wd1"))
-    num_samples: int = _opt(16, "n_t: Monte Carlo samples of the ELBO per response")
+    num_samples: int = _opt(16, "n_t: Monte Carlo samples of the ELBO per response", ge=1, le=MAX_SAMPLES)
     scheme: str = _opt("stratified", "masking scheme of the MC samples", ("stratified", "bernoulli"))
-    updates_per_batch: int = _opt(1, "mu: optimizer updates per rollout batch (> 1 = off-policy)")
-    micro_batch_size: int | None = _opt(None, "responses per forward/backward (None = the rank's whole batch)")
+    updates_per_batch: int = _opt(1, "mu: optimizer updates per rollout batch (> 1 = off-policy)", ge=1)
+    micro_batch_size: int | None = _opt(None, "responses per forward/backward (None = the rank's whole batch)", ge=1)
+    samples_per_forward: int = _opt(1, "MC samples sharing one forward/backward (bgpo, wd1; same gradient, memory "
+                                       "grows with it)", ge=1)
+    memory_budget_gib: float | None = _opt(None, "GPU memory budget, GiB: bgpo.plan chooses micro_batch_size, "
+                                                 "samples_per_forward and activation checkpointing (None = off)", gt=0)
     clip: list | None = _opt(None, "[eps_low, eps_high] PPO-style clip of the ratio (bgpo, vrpo); None = off")
-    max_log_ratio: float | None = _opt(10.0, "clamp on d before an exponential (None = off)")
+    max_log_ratio: float | None = _opt(10.0, "clamp on d before an exponential (None = off)", gt=0)
     kl_beta: float = _opt(0.0, "KL coefficient to the reference policy (the weights RL starts from; with LoRA the "
-                                "base model); 0 = no KL and no reference model")
+                                "base model); 0 = no KL and no reference model", ge=0)
     advantage_std: str = _opt("unbiased", "group std in the advantage", ("unbiased", "population", "none"))
     spg: dict = _opt({}, "spg_loss options: negative, beta, mix_weight")
     diffu_grpo: dict = _opt({}, "diffu_grpo options: clip_eps, prompt_mask_prob")
-    backend: str = _opt("auto", "fused_elbo_loss / random_mask backend")
+    backend: str = _opt("auto", "fused_elbo_loss / random_mask backend", BACKENDS)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(5e-7, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    lr: float = _opt(5e-7, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", ge=0)
     betas: list = _opt([0.9, 0.999], "AdamW betas")
-    eps: float = _opt(1e-8, "AdamW eps")
-    grad_clip: float | None = _opt(1.0, "max global gradient norm (None = no clipping)")
-    warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps")
+    eps: float = _opt(1e-8, "AdamW eps", gt=0)
+    grad_clip: float | None = _opt(1.0, "max global gradient norm (None = no clipping)", gt=0)
+    warmup_steps: int = _opt(0, "linear warm-up, in optimizer steps", ge=0)
     schedule: str = _opt("constant", "LR after warm-up", ("constant", "linear", "cosine"))
-    max_nonfinite: int = _opt(5, "consecutive non-finite losses/gradients tolerated before the run stops")
+    max_nonfinite: int = _opt(5, "consecutive non-finite losses/gradients tolerated before the run stops", ge=1)
 
 
 @dataclass
 class SFTConfig:
-    steps: int = _opt(0, "masked-diffusion supervised warm-up steps on the examples' 'answer' (0 = none)")
-    batch_size: int = _opt(64, "examples per warm-up step")
-    lr: float = _opt(1e-3, "warm-up learning rate (AdamW, cosine to 10%)")
-    warmup_steps: int = _opt(20, "linear warm-up of the warm-up's learning rate")
+    steps: int = _opt(0, "masked-diffusion supervised warm-up steps on the examples' 'answer' (0 = none)", ge=0)
+    batch_size: int = _opt(64, "examples per warm-up step", ge=1)
+    lr: float = _opt(1e-3, "warm-up learning rate (AdamW, cosine to 10%)", gt=0)
+    warmup_steps: int = _opt(20, "linear warm-up of the warm-up's learning rate", ge=0)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _opt(0, "checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM)")
-    keep: int = _opt(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = _opt(False, "continue from the latest checkpoint of output_dir")
+    every: int = _opt(0, "checkpoint every N steps (0 = only at the end and on SIGINT/SIGTERM)", ge=0)
+    keep: int = _opt(2, "checkpoints kept (older ones are deleted)", ge=1)
+    resume: bool = _opt(False, "continue from the newest complete checkpoint of output_dir (refused if the config "
+                               "differs from the checkpoint's, see force_resume)")
+    force_resume: bool = _opt(False, "resume even though the config differs from the checkpoint's (the keys are "
+                                     "printed)")
     save_final: bool = _opt(True, "checkpoint after the last step")
 
 
 @dataclass
 class LogConfig:
     progress: bool = _opt(True, "tqdm progress bar (rank 0)")
-    eval_every: int = _opt(0, "evaluate held-out prompts every N steps (0 = only before and after training)")
-    eval_batch_size: int = _opt(64, "held-out prompts per generate call")
-    eval_temperature: float = _opt(0.0, "sampling temperature of the held-out evaluation (0 = greedy)")
+    eval_every: int = _opt(0, "evaluate held-out prompts every N steps (0 = only before and after training)", ge=0)
+    eval_batch_size: int = _opt(64, "held-out prompts per generate call", ge=1)
+    eval_temperature: float = _opt(0.0, "sampling temperature of the held-out evaluation (0 = greedy)", ge=0)
     eval_samples: int = _opt(1, "responses per held-out prompt; the reward is their mean (needs eval_temperature > 0 "
-                                "when > 1)")
+                                "when > 1)", ge=1)
     tensorboard: bool = _opt(True, "also write TensorBoard scalars when tensorboard is installed")
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = _opt("runs/bgpo", "metrics.jsonl, checkpoints/ and tensorboard/ go here")
-    steps: int = _opt(100, "RL steps (rollout batches)")
-    batch_size: int = _opt(16, "prompts per step, over all ranks")
-    seed: int = _opt(0, "seeds the data order, rollouts and masks")
+    steps: int = _opt(100, "RL steps (rollout batches)", ge=0)
+    batch_size: int = _opt(16, "prompts per step, over all ranks", ge=1)
+    seed: int = _opt(0, "seeds the data order, rollouts and masks", ge=0, le=MAX_SEED)
     reward: str | None = _opt(None, "reward: a task name or 'module:function'; None = the task's")
+    allow_unsandboxed_code: bool = _opt(False, "score code without the bubblewrap sandbox when it does not work "
+                                               "here (runs model-written code as your user: trusted models only)")
     distributed: str = _opt("auto", "under torchrun: 'fsdp' (fully_shard per block), 'ddp', or 'auto' (= fsdp)",
                             ("auto", "fsdp", "ddp"))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,7 +187,12 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
-        """Check the options that depend on each other; raise ValueError naming the key."""
+        """Check every option (type, bounds, finiteness, also of a config built in Python), the lists and
+        mappings, and the options that depend on each other; raise ValueError naming the key.  Loads nothing
+        (one generated example for data.generator), so it runs before any work."""
+        _check_fields(self)
+        _check_containers(self)
+        _check_sources(self)
         r, p = self.rollout, self.policy
         _require(r.gen_length % r.block_length == 0, "rollout.gen_length",
                  f"{r.gen_length} is not a multiple of rollout.block_length={r.block_length}")
@@ -174,10 +202,21 @@ class TrainConfig:
         _require(self.batch_size % world_size == 0, "batch_size",
                  f"{self.batch_size} prompts do not split evenly over {world_size} ranks")
         local = self.batch_size // world_size
+        _require(r.threshold is None or r.remasking == "low_confidence", "rollout.threshold",
+                 f"compares low_confidence probabilities; rollout.remasking={r.remasking!r} has none")
+        _require(r.cache is None or not self.model.hf, "rollout.cache",
+                 "needs bgpo's LLaDAModelLM; model.hf (HFMaskedDiffusionAdapter) runs without a KV cache")
         _require(r.batch_size is None or local % r.batch_size == 0, "rollout.batch_size",
                  f"{r.batch_size} does not divide the {local} prompts of a rank")
-        _require(p.clip is None or (len(p.clip) == 2 and all(0 <= c for c in p.clip)), "policy.clip",
-                 f"expected [eps_low, eps_high] >= 0 or null, got {p.clip!r}")
+        _require(p.memory_budget_gib is None or (p.micro_batch_size is None and p.samples_per_forward == 1),
+                 "policy.memory_budget_gib", "chooses policy.micro_batch_size and policy.samples_per_forward: leave "
+                 "them unset (null and 1)")
+        _require(p.memory_budget_gib is None or (not self.model.hf and self.data.max_prompt_length is not None),
+                 "policy.memory_budget_gib", "plans bgpo's LLaDA models (not model.hf) and needs "
+                 "data.max_prompt_length (the longest prompt the plan must hold)")
+        _require(p.samples_per_forward == 1 or p.objective in ("bgpo", "wd1"), "policy.samples_per_forward",
+                 f"objective {p.objective!r} is not linear in the MC samples; use 1 (only bgpo and wd1 share a "
+                 "forward between samples)")
         _require(p.objective != "wd1" or not p.micro_batch_size or p.micro_batch_size % r.group_size == 0,
                  "policy.micro_batch_size", f"wd1 needs whole groups: a multiple of rollout.group_size={r.group_size}")
         _require(self.model.path is not None or not self.model.hf, "model.path", "model.hf needs a model path")
@@ -187,32 +226,111 @@ class TrainConfig:
                  "data.task 'custom' needs reward: 'module:function'")
         _require(self.data.task != "custom" or self.data.prompt_template is not None, "data.prompt_template",
                  "data.task 'custom' needs a prompt template")
-        _require(len(self.optim.betas) == 2, "optim.betas", f"expected two numbers, got {self.optim.betas!r}")
-        for name, value, low in (
-            ("steps", self.steps, 0), ("batch_size", self.batch_size, 1), ("rollout.group_size", r.group_size, 1),
-            ("rollout.gen_length", r.gen_length, 1), ("rollout.block_length", r.block_length, 1),
-            ("rollout.steps", r.steps, 1), ("policy.num_samples", p.num_samples, 1),
-            ("policy.updates_per_batch", p.updates_per_batch, 1), ("data.eval_size", self.data.eval_size, 0),
-            ("optim.max_nonfinite", self.optim.max_nonfinite, 1), ("checkpoint.keep", self.checkpoint.keep, 1),
-            ("sft.steps", self.sft.steps, 0), ("log.eval_batch_size", self.log.eval_batch_size, 1),
-            ("log.eval_samples", self.log.eval_samples, 1),
-        ):
-            _require(value >= low, name, f"expected an int >= {low}, got {value}")
-        _require(self.log.eval_temperature >= 0, "log.eval_temperature",
-                 f"expected a float >= 0, got {self.log.eval_temperature}")
         _require(self.log.eval_samples == 1 or self.log.eval_temperature > 0, "log.eval_samples",
                  f"{self.log.eval_samples} samples per prompt need log.eval_temperature > 0 (greedy repeats itself)")
-        _require(p.kl_beta >= 0, "policy.kl_beta", f"expected a float >= 0, got {p.kl_beta}")
         _require(p.kl_beta == 0 or p.objective != "spg", "policy.kl_beta", "spg takes no KL term; set it to 0")
-        _require(self.optim.lr > 0, "optim.lr", f"expected a positive float, got {self.optim.lr}")
-        if self.model.init is not None:
-            _require(Path(self.model.init).is_file(), "model.init", f"no such file {self.model.init!r}")
         return self
 
 
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{key}: {message}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(section, prefix: str = "") -> None:
+    """Every option of ``section`` through ``_check_value`` (converted values written back)."""
+    hints = _field_types(type(section))
+    for f in dataclasses.fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        if _is_section(hints[f.name]):
+            _require(isinstance(value, hints[f.name]), key, f"expected a section, got {value!r}")
+            _check_fields(value, f"{key}.")
+        else:
+            setattr(section, f.name, _check_value(key, value, hints[f.name], f.metadata))
+
+
+def _check_options(key: str, options: dict, objective: str, chosen: str, rules: dict) -> None:
+    """An objective's options: only with that objective, known names, each value passing its rule."""
+    if not options:
+        return
+    _require(chosen == objective, key, f"options of objective {objective!r}, but policy.objective is {chosen!r}")
+    for name, value in options.items():
+        _require(name in rules, f"{key}.{name}", f"unknown option; expected one of {sorted(rules)}")
+        expected, ok = rules[name]
+        _require(ok(value), f"{key}.{name}", f"expected {expected}, got {value!r}")
+
+
+def _check_containers(c: "TrainConfig") -> None:
+    """The lists and mappings: lengths, element types and ranges."""
+    betas, clip, modules = c.optim.betas, c.policy.clip, c.lora.target_modules
+    _require(len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas), "optim.betas",
+             f"expected two numbers in [0, 1), got {betas!r}")
+    if clip is not None:
+        _require(len(clip) == 2 and all(_is_number(x) for x in clip) and 0 <= clip[0] < 1 and clip[1] >= 0,
+                 "policy.clip", "expected [eps_low, eps_high] with 0 <= eps_low < 1 and eps_high >= 0 (the ratio is "
+                 f"clipped to [1 - eps_low, 1 + eps_high]), got {clip!r}")
+        _require(c.policy.objective in ("bgpo", "vrpo"), "policy.clip",
+                 f"only bgpo and vrpo clip the ratio, not {c.policy.objective!r} (diffu_grpo: "
+                 "policy.diffu_grpo.clip_eps)")
+    _require(bool(modules) and all(isinstance(m, str) and m for m in modules), "lora.target_modules",
+             f"expected a non-empty list of module names, got {modules!r}")
+    _require(all(isinstance(k, str) and isinstance(v, str) and v for k, v in c.data.field_map.items()),
+             "data.field_map", f"expected {{column: new name}} strings, got {c.data.field_map!r}")
+    unit = ("a float in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+    _check_options("policy.spg", c.policy.spg, "spg", c.policy.objective, {
+        "negative": (f"one of {list(SPG_NEGATIVE)}", lambda v: v in SPG_NEGATIVE),
+        "beta": ("a float > 0", lambda v: _is_number(v) and v > 0), "mix_weight": unit})
+    _check_options("policy.diffu_grpo", c.policy.diffu_grpo, "diffu_grpo", c.policy.objective, {
+        "clip_eps": ("a float in (0, 1)", lambda v: _is_number(v) and 0 < v < 1), "prompt_mask_prob": unit})
+
+
+def _check_sources(c: "TrainConfig") -> None:
+    """What names things to load: model, device, reward, data source and generator, LoRA's dependency."""
+    m, d = c.model, c.data
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device) is not None, "model.device",
+             f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {m.device!r}")
+    if m.path is None:
+        from ..models.config import LLaDAConfig
+
+        try:
+            LLaDAConfig.preset(m.preset)
+        except ValueError as error:
+            raise ValueError(f"model.preset: {str(error).removeprefix('name: ')}") from None
+        known = [f.name for f in dataclasses.fields(LLaDAConfig)]
+        for name in m.overrides:
+            _require(name in known, f"model.overrides.{name}", f"not a LLaDAConfig field; expected one of {known}")
+        try:
+            LLaDAConfig.preset(m.preset, **m.overrides)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model.overrides: {error}") from None
+    else:
+        _require(not m.overrides, "model.overrides", "only for a model built from model.preset (model.path is set)")
+        _require(m.hf or Path(m.path).is_dir(), "model.path", f"no such directory {m.path!r}")
+    if m.init is not None:
+        _require(Path(m.init).is_file(), "model.init", f"no such file {m.init!r}")
+    _require(c.reward is None or c.reward in REWARD_TASKS or re.fullmatch(r"[\w.]+:\w+", c.reward) is not None,
+             "reward", f"expected one of {list(REWARD_TASKS)} or 'module:function', got {c.reward!r}")
+    _require(not c.lora.enabled or importlib.util.find_spec("peft") is not None, "lora.enabled",
+             "needs peft (pip install -e '.[train]')")
+    for key, source in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+        if source is not None and Path(source).suffix in (".jsonl", ".json", ".parquet"):
+            _require(Path(source).is_file(), key, f"no such file {source!r}")
+    if not d.source.startswith("generate:"):
+        _require(not d.generator, "data.generator", f"options of a generated source, but data.source is {d.source!r}")
+        return
+    from ..data.loading import GENERATORS
+
+    name = d.source.split(":", 1)[1]
+    _require(name in GENERATORS, "data.source", f"unknown generator {name!r}; expected one of {sorted(GENERATORS)}")
+    _require(d.train_size is not None, "data.train_size", "a generated dataset needs a size")
+    try:
+        GENERATORS[name](1, seed=0, **d.generator)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"data.generator: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -224,8 +342,9 @@ def _is_section(tp) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def _check_value(key: str, value, tp, choices):
-    """``value`` converted to ``tp`` (int -> float allowed); ValueError naming ``key`` otherwise."""
+def _check_value(key: str, value, tp, metadata):
+    """``value`` converted to ``tp`` (int -> float allowed) and checked against the field's ``metadata``
+    (choices, bounds; floats finite, strings non-empty); ValueError naming ``key`` otherwise."""
     args = typing.get_args(tp)
     optional = isinstance(tp, types.UnionType) and type(None) in args
     if value is None:
@@ -234,7 +353,7 @@ def _check_value(key: str, value, tp, choices):
         raise ValueError(f"{key}: may not be null")
     base = next(a for a in args if a is not type(None)) if optional else tp
     base = typing.get_origin(base) or base
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+    if base is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**1023:
         value = float(value)
     if base is float and isinstance(value, str):  # YAML reads 5e-7 (no dot) as a string
         try:
@@ -243,8 +362,17 @@ def _check_value(key: str, value, tp, choices):
             pass
     if base is int and isinstance(value, bool) or not isinstance(value, base):
         raise ValueError(f"{key}: expected {getattr(base, '__name__', base)}, got {value!r}")
+    choices = metadata.get("choices")
     if choices is not None and value not in choices:
         raise ValueError(f"{key}: expected one of {[c for c in choices]}, got {value!r}")
+    _require(base is not float or math.isfinite(value), key, f"expected a finite float, got {value!r}")
+    _require(base is not str or value.strip() != "", key, "expected a non-empty string")
+    bounds = metadata.get("bounds", {})
+    signs = {"ge": (">=", lambda b: value >= b), "gt": (">", lambda b: value > b), "le": ("<=", lambda b: value <= b),
+             "lt": ("<", lambda b: value < b)}
+    _require(all(signs[op][1](b) for op, b in bounds.items()), key,
+             f"expected {'an int' if base is int else 'a float'} "
+             f"{' and '.join(f'{signs[op][0]} {b}' for op, b in bounds.items())}, got {value!r}")
     return value
 
 
@@ -263,7 +391,7 @@ def _build(cls, values: dict, prefix: str = ""):
         if _is_section(tp):
             kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
         else:
-            kwargs[name] = _check_value(f"{prefix}{name}", value, tp, fields[name].metadata.get("choices"))
+            kwargs[name] = value  # checked with every other option by TrainConfig.validate
     return cls(**kwargs)
 
 

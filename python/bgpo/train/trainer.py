@@ -15,16 +15,16 @@ One step (``Trainer.train_step``):
    gradient clipping, AdamW and the LR schedule.
 
 Around it: an optional supervised warm-up, held-out evaluation, metrics, checkpoints and exact
-resume, and a SIGINT/SIGTERM handler that finishes the step, checkpoints and stops.
+resume (``checkpoint``), and SIGINT/SIGTERM handling that finishes the step, checkpoints and stops
+(``signals``).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import signal
-import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,43 +33,69 @@ from tqdm.auto import tqdm
 
 from ..data import PromptOrder, TASK_PROMPTS, encode_prompts, encode_responses, format_prompt, load_examples, \
     load_tokenizer
+from ..data.tokenizer import check_tokenizer_matches
 from ..estimators import group_advantages
 from ..objectives import k3
 from ..models import find_blocks
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
-from ..rewards import get_reward
+from ..rewards import code_reward, get_reward
+from ..rewards.sandbox import require_sandbox
 from ..rollout import generate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, save_weights
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
     init_distributed, shard_model
-from .metrics import MetricsWriter, peak_memory_mib
+from .metrics import MetricsWriter, learning_signals, peak_memory_mib
 from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
 from .seeds import derive_seed
 from .sft import supervised_warmup
+from .signals import StopSignals
 
 __all__ = ["Trainer", "NonFiniteError"]
 
 
+
+def _code_reward_checked(config):
+    """The code reward once the sandbox is known to work (a RuntimeError saying what to install if not,
+    unless ``allow_unsandboxed_code``); None for the other rewards."""
+    if (config.reward or config.data.task) != "code":
+        return None
+    if require_sandbox(config.allow_unsandboxed_code):
+        return get_reward("code")
+    warnings.warn("allow_unsandboxed_code: the code sandbox does not work here; model-written code runs as this "
+                  "user, without isolation", RuntimeWarning, stacklevel=2)
+    return lambda completion, example: code_reward(completion, example, allow_unsandboxed=True)
+
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, or a step left non-finite weights."""
 
 
 class Trainer:
     """Train a masked diffusion LM with ``config.policy.objective``; ``train()`` runs the whole job."""
 
-    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None):
+    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None,
+                 stop: StopSignals | None = None):
+        """``stop``: signal handling installed by the caller before start-up (``bgpo train``); by default
+        ``train()`` installs its own."""
         self.context = context or init_distributed(config.distributed)
         self.config = config.validate(self.context.world_size)
+        self.reward_fn = _code_reward_checked(config)  # before any slow work: refuse early without a sandbox
+        self.output_dir = Path(config.output_dir)
+        self.stop = stop or StopSignals()
+        # Before any work: a refused resume costs nothing.
+        self._resume_from = resume_point(self.checkpoint_dir, config_to_dict(config), say=self._say,
+                                         is_main=self.context.is_main)
         self.device = resolve_device(config.model.device, self.context.local_rank)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
         self.model = build_model(config.model, seed=config.seed, device=self.device,
                                  mask_token_id=getattr(self.tokenizer, "mask_token_id", None),
                                  eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+        check_tokenizer_matches(self.tokenizer, self.model)
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
         if config.lora.enabled:
             self.model = apply_lora(self.model, config.lora, seed=derive_seed(config.seed, -3))
+        self.micro_batch_size, self.samples_per_forward = self._plan_update()
         if self.context.strategy == "ddp":
             broadcast_parameters(self.model)
         self.model = shard_model(self.model, find_blocks(self.model), self.context)
@@ -80,14 +106,13 @@ class Trainer:
         total_updates = max(1, config.steps * config.policy.updates_per_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o.schedule, o.warmup_steps,
                                                                                       total_updates))
-        self.reward_fn = get_reward(config.reward or config.data.task)
+        self.reward_fn = self.reward_fn or get_reward(config.reward or config.data.task)
         self.template = config.data.prompt_template or TASK_PROMPTS[config.data.task]
         self.train_examples, self.eval_examples = self._load_data()
         self.order = PromptOrder(len(self.train_examples), config.seed)
         self.step, self.nonfinite_in_row, self.nonfinite_total, self.warmed_up = 0, 0, 0, config.sft.steps == 0
-        self.output_dir = Path(config.output_dir)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.context.is_main, tensorboard=config.log.tensorboard)
-        self._stop_requested = False
+        self._saved_step = None  # the step of the newest checkpoint of this run: never saved twice
         self._reference = None
 
     # ------------------------------------------------------------------------------------------ data
@@ -136,7 +161,7 @@ class Trainer:
         prompts, attention = self._encode_prompts(examples, length)
         chunk = chunk or len(examples)
         self.model.eval()
-        pieces = []
+        pieces, forwards, parallel, seconds = [], 0.0, 0.0, 0.0
         with self._autocast():
             for start in range(0, len(examples), chunk):
                 rows = slice(start, start + chunk)
@@ -147,10 +172,19 @@ class Trainer:
                     gen_length=r.gen_length, block_length=r.block_length, steps=r.steps, temperature=temperature,
                     remasking=r.remasking, cfg_scale=r.cfg_scale, mask_id=self.mask_id, eos_id=self.eos_id,
                     seed=derive_seed(*seed_parts, first_index + start), group_size=group_size,
+                    cache=r.cache, threshold=r.threshold,
                 )
                 pieces.append(out.sequences)
+                answers = out.sequences.shape[0]
+                forwards += out.forwards * answers
+                parallel += out.parallel_fraction * answers
+                seconds += answers * r.gen_length / out.tokens_per_second
         self.model.train()
         sequences = torch.cat(pieces)
+        # This rank's sampler metrics, weighted by answers (see bgpo.rollout.GenerationOutput).
+        sampler = {"rollout_forwards_per_answer": forwards / len(sequences),
+                   "rollout_tokens_per_s": len(sequences) * r.gen_length / seconds,
+                   "rollout_parallel_fraction": parallel / len(sequences)}
         responses = sequences[:, length:]
         if self.eos_id is None:
             response_mask = torch.ones_like(responses, dtype=torch.bool)
@@ -162,7 +196,8 @@ class Trainer:
         full_attention = torch.cat([attention.repeat_interleave(group_size, dim=0),
                                     torch.ones_like(responses.cpu())], dim=1).to(self.device)
         return dict(sequences=sequences, prompt_length=length, response_mask=response_mask,
-                    attention_mask=None if bool(full_attention.all()) else full_attention, completions=completions)
+                    attention_mask=None if bool(full_attention.all()) else full_attention, completions=completions,
+                    sampler=sampler)
 
     def score(self, completions: list[str], examples: list[dict]) -> tuple[torch.Tensor, list[str]]:
         """Rewards (N,) and reasons; completion k answers ``examples[k // (N / len(examples))]``."""
@@ -202,12 +237,13 @@ class Trainer:
         )
         mask_seed = derive_seed(c.seed, self.step, 1)
         autocast = DTYPES[c.model.autocast] if c.model.autocast else None
-        common = dict(num_samples=p.num_samples, seed=mask_seed, micro_batch_size=p.micro_batch_size,
-                      scheme=p.scheme, backend=p.backend, autocast=autocast)
+        common = dict(num_samples=p.num_samples, seed=mask_seed, micro_batch_size=self.micro_batch_size,
+                      scheme=p.scheme, backend=p.backend, autocast=autocast,
+                      samples_per_forward=self.samples_per_forward)
         old_elbos, ref_elbos = None, None
         old_logp, ref_logp = [None] * p.updates_per_batch, [None] * p.updates_per_batch
         token_logprobs = functools.partial(old_policy_token_logprobs, batch=batch, seed=mask_seed,
-                                           micro_batch_size=p.micro_batch_size, autocast=autocast,
+                                           micro_batch_size=self.micro_batch_size, autocast=autocast,
                                            prompt_mask_prob=p.diffu_grpo.get("prompt_mask_prob", 0.15))
         if p.updates_per_batch > 1 and p.objective in ("bgpo", "vrpo"):
             old_elbos = old_policy_elbos(self.model, batch, **common)
@@ -227,7 +263,7 @@ class Trainer:
                 options.update(ref_logp=ref_logp[update], beta=p.kl_beta)
             return options
 
-        losses, elbos, kls, grad_norms, skipped = [], [], [], [], 0
+        losses, elbos, kls, grad_norms, skipped, rollout_elbo = [], [], [], [], 0, None
         for update in range(p.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             out = accumulate_policy_gradient(
@@ -246,12 +282,14 @@ class Trainer:
                 continue
             self.nonfinite_in_row = 0
             self.optimizer.step()
+            self._check_parameters()
             self.scheduler.step()
             losses.append(loss / self.context.world_size)
             grad_norms.append(grad_norm)
             if out["elbo"] is not None:
                 lengths = batch.response_mask.sum(dim=1).clamp_min(1).float()
                 elbos.append((out["elbo"].float().mean(dim=0) / lengths).mean().item())
+                rollout_elbo = out["elbo"] if rollout_elbo is None else rollout_elbo  # first update: on-policy
             if ref_elbos is not None:  # k3 of the ELBO log-ratio to the reference, per response
                 kls.append(k3((ref_elbos - out["elbo"]).float()).mean().item())
         self.step += 1
@@ -260,8 +298,10 @@ class Trainer:
         return {
             "kind": "train", "step": self.step, "reward": float(totals[0] / totals[1]),
             "loss": _mean(losses), "elbo_per_token": _mean(elbos), "grad_norm": _mean(grad_norms),
+            **learning_signals(rollout_elbo, batch.advantages, rewards, batch.response_mask.sum(dim=1), G,
+                               self.context),
             **({"kl": _mean(kls)} if kls else {}),
-            "response_length": float(lengths[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0],
+            "response_length": float(lengths[0] / totals[1]), **rolled["sampler"], "lr": self.scheduler.get_last_lr()[0],
             "skipped_updates": skipped, "nonfinite_total": self.nonfinite_total,
             "step_time_s": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(self.device),
         }
@@ -300,10 +340,22 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
+    def _check_parameters(self) -> None:
+        """Stop (before any checkpoint of it) when an update left a non-finite weight, e.g. an overflowing LR."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.parameters]  # FSDP2: own shards
+        bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).any().double().reshape(1).cpu()
+        if all_reduce(bad, self.context, op="max").item():
+            newest = complete_checkpoints(self.checkpoint_dir)
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise NonFiniteError(
+                f"optim.lr: the update of step {self.step + 1} (lr={lr}) left non-finite parameters; it is not "
+                f"checkpointed (newest checkpoint: {newest[-1][1] if newest else 'none'}); lower optim.lr"
+            )
+
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
-        self.metrics.write({"kind": "nonfinite", "step": self.step, "loss": loss, "grad_norm": grad_norm,
+        self.metrics.write({"kind": "nonfinite", "step": self.step + 1, "loss": loss, "grad_norm": grad_norm,
                             "in_a_row": self.nonfinite_in_row})
         limit = self.config.optim.max_nonfinite
         if self.nonfinite_in_row >= limit:
@@ -345,23 +397,54 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint the current step, unless this run already did (the last step is saved once)."""
+        if self._saved_step == self.step:
+            return None
         state = {"step": self.step, "position": self.step * self.config.batch_size,
                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                  "warmed_up": self.warmed_up, "scheduler": self.scheduler.state_dict()}
-        return save_checkpoint(self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+        path = save_checkpoint(self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
                                trainer_state=state, config=config_to_dict(self.config), context=self.context,
                                keep=self.config.checkpoint.keep)
+        self._saved_step = self.step
+        return path
+
+    def _plan_update(self) -> tuple[int | None, int]:
+        """(micro_batch_size, samples_per_forward): the configured ones, or with ``policy.memory_budget_gib``
+        those ``bgpo.plan`` chooses (it also turns activation checkpointing on when the plan needs it)."""
+        p = self.config.policy
+        if p.memory_budget_gib is None:
+            return p.micro_batch_size, p.samples_per_forward
+        from ..models import enable_activation_checkpointing
+        from ..plan import format_plan, plan_update, workload_from_config
+
+        work = workload_from_config(self.config, self.context.world_size, sharded=self.context.strategy == "fsdp",
+                                    device=self.device)
+        plan = plan_update(work, p.memory_budget_gib)
+        self._say(format_plan(work, plan, p.memory_budget_gib))
+        if plan.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        return plan.micro_batch_size, plan.samples_per_forward
+
+    def _say(self, text: str) -> None:
+        if self.context.is_main:
+            tqdm.write(f"bgpo train: {text}")
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``output_dir``; False when there is none."""
-        path = latest_checkpoint(self.checkpoint_dir)
-        if path is None:
-            return False
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.warmed_up = state["step"], state["warmed_up"]
-        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
-        return True
+        """Load the checkpoint chosen at start-up and drop ``metrics.jsonl`` records of later steps (those the
+        run logs again); False when it starts from step 0 (then the records of an earlier attempt go)."""
+        path = self._resume_from
+        step = -1
+        if path is not None:
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.warmed_up = state["step"], state["warmed_up"]
+            self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
+            self._saved_step = step = self.step
+        dropped = self.metrics.truncate(step)
+        if dropped:
+            self._say(f"dropped {dropped} records of steps after {max(step, 0)} from {self.metrics.path}")
+        return path is not None
 
     # ------------------------------------------------------------------------------------------ a run
     def warm_up(self) -> None:
@@ -377,20 +460,17 @@ class Trainer:
 
         losses = supervised_warmup(self.model, self.parameters, c.sft, encode=encode, examples=self.train_examples,
                                    seed=derive_seed(c.seed, -2), context=self.context, device=self.device,
-                                   progress=c.log.progress, should_stop=self._stop_agreed)
+                                   progress=c.log.progress, should_stop=self._stop_signal)
         if len(losses) < c.sft.steps:  # stopped by a signal: nothing of a partial warm-up is kept
             return
         self.warmed_up = True
         self.metrics.write({"kind": "warmup", "step": 0, "loss": losses[-1], "steps": len(losses)})
         save_weights(self.output_dir / "warmup.safetensors", self.model, self.context)
 
-    def request_stop(self, *_) -> None:
-        """Finish the current step, checkpoint and stop (the SIGINT/SIGTERM handler)."""
-        self._stop_requested = True
-
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([float(self._stop_requested)])
-        return bool(all_reduce(flag, self.context, op="max").item())
+    def _stop_signal(self) -> int:
+        """The signal that stops the run, agreed by all ranks (the largest number received); 0 if none."""
+        flag = torch.tensor([float(self.stop.signum or 0)])
+        return int(all_reduce(flag, self.context, op="max").item())
 
     def _log(self, record: dict, bar=None) -> None:
         if not record:
@@ -404,50 +484,53 @@ class Trainer:
             tqdm.write(f"eval step {record['step']}: reward {record['reward']:.3f} accuracy {record['accuracy']:.3f}")
 
     def train(self) -> dict:
-        """Warm up, then RL until ``steps`` (or a stop signal); returns the last evaluation (or train) metrics."""
-        c = self.config
-        if c.checkpoint.resume and self.resume() and self.context.is_main:
-            tqdm.write(f"resumed from step {self.step}")
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        last: dict = {}
+        """Warm up, then RL until ``steps`` (or a stop signal); returns the last evaluation (or train) metrics,
+        with ``stopped`` and ``signal`` set when a signal stopped it (``signals.signal_exit_code``)."""
+        owned = not self.stop.installed
+        if owned:
+            self.stop.install()
         try:
-            if not self.warmed_up:
-                self.warm_up()
-                if not self.warmed_up:  # the warm-up is short and starts over: no checkpoint of it
-                    if self.context.is_main:
-                        tqdm.write("stopped by signal during the supervised warm-up; nothing saved (a new run "
-                                   "starts the warm-up over)")
-                    return {"kind": "warmup", "stopped": True}
-            if self.step == 0:
-                self._log(last := self.evaluate())
-            bar = tqdm(total=c.steps, initial=self.step, desc=f"{c.policy.objective}", dynamic_ncols=True,
-                       disable=not (c.log.progress and self.context.is_main))
-            while self.step < c.steps:
-                record = self.train_step()
-                self._log(record, bar)
-                bar.update(1)
-                last = record
-                if c.log.eval_every and self.step % c.log.eval_every == 0 and self.step < c.steps:
-                    self._log(last := self.evaluate())
-                stop = self._stop_agreed()
-                if stop or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
-                    self.save_checkpoint()
-                if stop:
-                    if self.context.is_main:
-                        tqdm.write(f"stopped by signal after step {self.step}; checkpoint saved")
-                    return {**last, "stopped": True}
-            bar.close()
-            if c.steps > 0:
-                self._log(last := self.evaluate())
-            if c.checkpoint.save_final:
-                self.save_checkpoint()
-            return last
+            if self.resume():
+                self._say(f"resumed from step {self.step} ({self._resume_from})")
+            with self.stop.deferred():
+                return self._run()
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+            if owned:
+                self.stop.restore()
             self.metrics.close()
+
+    def _run(self) -> dict:
+        c = self.config
+        last: dict = {}
+        if not self.warmed_up:
+            self.warm_up()
+            if not self.warmed_up:  # the warm-up is short and starts over: no checkpoint of it
+                self._say("stopped by signal during the supervised warm-up; nothing saved (a new run starts the "
+                          "warm-up over)")
+                return {"kind": "warmup", "stopped": True, "signal": self._stop_signal()}
+        if self.step == 0 and self._resume_from is None:  # (a step-0 checkpoint comes after this evaluation)
+            self._log(last := self.evaluate())
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"{c.policy.objective}", dynamic_ncols=True,
+                   disable=not (c.log.progress and self.context.is_main))
+        while self.step < c.steps:
+            record = self.train_step()
+            self._log(record, bar)
+            bar.update(1)
+            last = record
+            if c.log.eval_every and self.step % c.log.eval_every == 0 and self.step < c.steps:
+                self._log(last := self.evaluate())
+            stop = self._stop_signal()
+            if stop or (c.checkpoint.every and self.step % c.checkpoint.every == 0):
+                self.save_checkpoint()
+            if stop:
+                self._say(f"stopped by signal after step {self.step}; checkpoint saved (continue with --resume)")
+                return {**last, "stopped": True, "signal": stop}
+        bar.close()
+        if c.steps > 0:
+            self._log(last := self.evaluate())
+        if c.checkpoint.save_final:
+            self.save_checkpoint()
+        return last
 
 
 def _mean(values: list[float]) -> float:

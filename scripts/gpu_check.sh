@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The GPU check in one command (README, "GPU check"):
+#
+#   scripts/gpu_check.sh OUTDIR [--no-install]
+#
+# On a machine with one GPU, its own torch and Triton and no network: installs the project without
+# dependencies (`pip install --no-deps --no-build-isolation -e .`; if the C++/CUDA extension fails to
+# build, again with BGPO_SKIP_EXTENSION=1; if that fails too, runs from the source tree via PYTHONPATH),
+# runs the GPU tests (BGPO_TEST_DEVICE=cuda: tests/test_gpu.py and the op tests on CUDA tensors) and
+# benchmarks/fused_elbo_loss.py --peaked, and writes OUTDIR/gpu_check.log and OUTDIR/gpu_check.json.
+# Each stage runs under `timeout`; the whole check ends within BGPO_GPU_CHECK_SECONDS (default 540 = 9 min).
+# Without a GPU it writes {"status": "skipped", ...} and exits 0.  --no-install skips the install stage.
+# PYTHON (default python3) is the interpreter that holds torch.
+set -u
+OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [--no-install]}
+INSTALL=1
+[ "${2:-}" = "--no-install" ] && INSTALL=0
+PY=${PYTHON:-python3}
+BUDGET=${BGPO_GPU_CHECK_SECONDS:-540}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG=$OUTDIR/gpu_check.log
+STAGES=$OUTDIR/stages.tsv
+: >"$LOG"
+: >"$STAGES"
+START=$(date +%s)
+cd "$ROOT" || exit 1
+
+say() { echo "gpu_check: $*" | tee -a "$LOG"; }
+
+# stage NAME SECONDS CMD...: run CMD under timeout (at most what is left of the budget, less 20 s for the
+# summary), log its output, record "name rc seconds" in stages.tsv.
+stage() {
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET - 20 - ($(date +%s) - START)))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -le 5 ]; then
+        say "$name: not run (time budget spent)"
+        printf '%s\t%s\t%s\n' "$name" "not_run" 0 >>"$STAGES"
+        return 124
+    fi
+    say "$name (timeout ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" $(($(date +%s) - t0)) >>"$STAGES"
+    say "$name: exit $rc after $(($(date +%s) - t0)) s"
+    return $rc
+}
+
+# The machine: torch, Triton, the GPU (one line of JSON).
+ENV_JSON=$(timeout 120 "$PY" - <<'EOF' 2>>"$LOG"
+import json
+info = {}
+try:
+    import torch
+    info["torch"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    if info["cuda_available"]:
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+except Exception as error:  # no torch: reported, and the check is skipped
+    info["torch_error"] = repr(error)
+try:
+    import triton
+    info["triton"] = triton.__version__
+except Exception as error:
+    info["triton_error"] = repr(error)
+print(json.dumps(info))
+EOF
+)
+[ -n "$ENV_JSON" ] || ENV_JSON='{"torch_error": "the interpreter did not answer"}'
+say "environment: $ENV_JSON"
+
+summary() {  # summary STATUS REASON
+    STATUS=$1 REASON=$2 ENV_JSON=$ENV_JSON OUTDIR=$OUTDIR START=$START "$PY" - <<'EOF' 2>>"$LOG"
+import json, os, time
+import xml.etree.ElementTree as ET
+out = os.environ["OUTDIR"]
+summary = {"status": os.environ["STATUS"], "reason": os.environ["REASON"],
+           "environment": json.loads(os.environ["ENV_JSON"]), "stages": [], "tests": None, "benchmark": None,
+           "seconds": round(time.time() - int(os.environ["START"]))}
+with open(os.path.join(out, "stages.tsv")) as f:
+    for line in f:
+        name, rc, seconds = line.rstrip("\n").split("\t")
+        summary["stages"].append({"name": name, "rc": rc if rc == "not_run" else int(rc), "seconds": int(seconds)})
+for stage in ("gpu", "ops"):
+    junit = os.path.join(out, f"tests_{stage}.xml")
+    if not os.path.exists(junit):
+        continue
+    tests = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
+        tests[key] += 1
+        if key == "failed":
+            tests["failures"].append(f"{case.get('classname')}::{case.get('name')}")
+    summary["tests"] = {**(summary["tests"] or {}), stage: tests}
+bench = os.path.join(out, "fused_elbo_loss_cuda_peaked.json")
+if os.path.exists(bench):
+    summary["benchmark"] = json.load(open(bench))
+with open(os.path.join(out, "gpu_check.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print(f"gpu_check: {summary['status']}: {summary['reason']}")
+EOF
+}
+
+if ! "$PY" -c 'import json, sys; sys.exit(0 if json.loads(sys.argv[1]).get("cuda_available") else 1)' "$ENV_JSON"; then
+    summary skipped "no GPU: torch sees no CUDA device (or torch is missing); nothing was run"
+    exit 0
+fi
+
+if [ "$INSTALL" = 1 ]; then
+    # compile the CUDA extension for this GPU only (one architecture: half the build time)
+    CAP=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["capability"])' "$ENV_JSON")
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$CAP} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    if ! stage install 240 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . ; then
+        say "the extension did not build: installing without it (BGPO_SKIP_EXTENSION=1)"
+        if ! BGPO_SKIP_EXTENSION=1 stage install_no_extension 90 "$PY" -m pip install --no-deps \
+                --no-build-isolation --no-index -e . ; then
+            say "pip install failed: running from the source tree (PYTHONPATH)"
+            export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+        fi
+    fi
+else
+    export PYTHONPATH=$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+stage backends 60 "$PY" -c 'import torch, bgpo; from bgpo.backends import available_backends as a
+print("fused_elbo_loss:", a("fused_elbo_loss", "cuda"), "random_mask:", a("random_mask", "cuda"))'
+
+# The GPU tests, the benchmark, then the op tests on CUDA tensors with what time is left (each pytest
+# writes its own JUnit XML, so a stage cut short by its timeout loses only its own counts); -x is not
+# used: every failure is listed.
+export BGPO_TEST_DEVICE=cuda PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+stage gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_gpu.xml" tests/test_gpu.py
+stage benchmark 130 "$PY" benchmarks/fused_elbo_loss.py --peaked --out "$OUTDIR"
+stage op_tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_ops.xml" \
+    tests/test_fused_elbo_loss.py tests/test_random_mask.py tests/test_triton_kernels.py tests/test_extension.py
+
+STATUS=passed
+REASON="every stage exited 0"
+if awk -F'\t' '$2 != 0 {bad = 1} END {exit !bad}' "$STAGES"; then
+    STATUS=failed
+    REASON="a stage failed or timed out: see stages and $LOG"
+fi
+summary "$STATUS" "$REASON"
+[ "$STATUS" = passed ]
