@@ -87,17 +87,17 @@ def _elbo_cases(kernel: str, dtype: str):
         return fel._fwd_kernel, types, logit_flags, _configs.FWD
     if kernel == "dz":
         types = dict(h_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, y_ptr="*i64", lse_ptr="*fp32", coef_ptr="*fp32",
-                     dz_ptr=ptr, N="i32", H="i32", V="i32", v0="i32", VC="i32", stride_w="i32", stride_dz="i32",
-                     softcap="fp32", N_BUCKET="i32")
-        return fel._dz_kernel, types, logit_flags, _configs.DZ
+                     dz_ptr=ptr, skip_ptr="*i8", N="i32", H="i32", V="i32", v0="i32", VC="i32", stride_w="i32",
+                     stride_dz="i32", stride_skip="i32", softcap="fp32", filter_eps="fp32", N_BUCKET="i32")
+        return fel._dz_kernel, types, dict(logit_flags, FILTER=True), _configs.DZ
     if kernel == "grad_w":
-        types = dict(h_ptr=ptr, dz_ptr=ptr, grad_w_ptr=ptr, grad_b_ptr=ptr, N="i32", H="i32", V="i32", v0="i32",
-                     VC="i32", stride_dz="i32", N_BUCKET="i32")
-        flags = dict(NEED_WEIGHT=True, NEED_BIAS=True, DOT_PRECISION=precision, GROUP_V=8, UPCAST=False)
+        types = dict(h_ptr=ptr, dz_ptr=ptr, grad_w_ptr=ptr, grad_b_ptr=ptr, skip_ptr="*i8", N="i32", H="i32", V="i32",
+                     v0="i32", VC="i32", stride_dz="i32", stride_skip="i32", N_BUCKET="i32")
+        flags = dict(NEED_WEIGHT=True, NEED_BIAS=True, DOT_PRECISION=precision, GROUP_V=8, UPCAST=False, FILTER=True)
         return fel._grad_w_kernel, types, flags, _configs.GRAD_W
-    types = dict(dz_ptr=ptr, weight_ptr=ptr, grad_h_ptr="*fp32", N="i32", H="i32", V="i32", v0="i32", VC="i32",
-                 stride_dz="i32", stride_w="i32", N_BUCKET="i32")
-    flags = dict(FIRST=False, DOT_PRECISION=precision, GROUP_N=8, UPCAST=False)
+    types = dict(dz_ptr=ptr, weight_ptr=ptr, grad_h_ptr="*fp32", skip_ptr="*i8", N="i32", H="i32", V="i32", v0="i32",
+                 VC="i32", stride_dz="i32", stride_w="i32", stride_skip="i32", N_BUCKET="i32")
+    flags = dict(FIRST=False, DOT_PRECISION=precision, GROUP_N=8, UPCAST=False, FILTER=True)
     return fel._grad_h_kernel, types, flags, _configs.GRAD_H
 
 
@@ -124,12 +124,23 @@ def main(argv=None) -> int:
             continue
         for dtype in args.dtypes:
             kernel, types, flags, table = _elbo_cases(kernel_name, dtype)
-            for config in table[args.arch][:1] if args.first else table[args.arch]:
+            configs = table[args.arch][:1] if args.first else table[args.arch]
+            # the backward kernels: exact (the default) and with gradient filtering (cells: the default dz tile)
+            variants = (False, True) if "FILTER" in flags else (None,)
+            for config, filtering in [(c, f) for c in configs for f in variants]:
                 name = (f"{kernel_name} sm_{args.arch} {dtype} {config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_V']}"
-                        f"x{config.kwargs['BLOCK_H']} w{config.num_warps} s{config.num_stages}")
+                        f"x{config.kwargs['BLOCK_H']} w{config.num_warps} s{config.num_stages}"
+                        f"{' filtered' if filtering else ''}")
+                constexprs = dict(config.kwargs, **flags)
+                if filtering is not None:
+                    constexprs["FILTER"] = filtering
+                if kernel_name in ("grad_w", "grad_h"):
+                    cell = _configs.DZ[args.arch][0].kwargs
+                    constexprs.update(FILTER_N=cell["BLOCK_N"], FILTER_V=cell["BLOCK_V"],
+                                      CELLS_N=max(1, constexprs["BLOCK_N"] // cell["BLOCK_N"]),
+                                      CELLS_V=max(1, constexprs["BLOCK_V"] // cell["BLOCK_V"]))
                 try:
-                    result = compile_kernel(kernel, types, dict(config.kwargs, **flags), args.arch,
-                                            config.num_warps, config.num_stages)
+                    result = compile_kernel(kernel, types, constexprs, args.arch, config.num_warps, config.num_stages)
                 except Exception as err:  # noqa: BLE001 - report every failing specialisation
                     failures.append(f"{name}: {type(err).__name__}: {err}")
                     continue

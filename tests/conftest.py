@@ -72,3 +72,20 @@ def triton_draws():
         return words.cpu().to(torch.int64) & 0xFFFFFFFF, uniforms.cpu()
 
     return draws
+
+
+def measure_real_and_fake(build, run):
+    """(real CPU peak, simulated peak) in bytes of ``run(*build())``: the same code on real tensors under the
+    CPU allocator's tracker and on fake tensors under ``bgpo.memory``'s simulator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bgpo.memory import track_fake_memory, track_peak_memory
+
+    inputs = build()
+    with track_peak_memory("cpu") as real:
+        run(*inputs)
+    with FakeTensorMode():
+        inputs = build()
+        with track_fake_memory() as fake:
+            run(*inputs)
+    return real.peak_bytes, fake.peak_bytes

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 import bgpo
 from bgpo import philox
-from bgpo.memory import track_fake_memory, track_peak_memory
+from bgpo.memory import track_peak_memory
 from bgpo.backends import registered_backend, registered_backends, resolve_backend
 from bgpo.ops import _cpp
 from bgpo.ops.fused_elbo_loss import _torch_backward, _torch_forward
 from bgpo.ops.random_mask import random_mask_torch
+from conftest import measure_real_and_fake
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("random_mask", "fused_elbo_loss_fwd", "fused_elbo_loss_bwd", "philox_randint", "philox_rand")
@@ -450,14 +449,8 @@ def test_cpp_declared_workspace_matches_the_allocator(dtype, shape):
     def run(*args):
         bgpo.fused_elbo_loss(*args, num_samples=2, backend="cpu").loss.backward()
 
-    inputs = build()
-    with track_peak_memory("cpu") as real:
-        run(*inputs)
-    with FakeTensorMode():
-        inputs = build()
-        with track_fake_memory() as fake:
-            run(*inputs)
-    assert abs(fake.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (real.peak_bytes, fake.peak_bytes)
+    real, fake = measure_real_and_fake(build, run)
+    assert abs(fake - real) <= 0.05 * real, (real, fake)
 
 
 def test_declared_workspace_has_no_vocab_sized_fp32_buffer():

@@ -2,24 +2,11 @@
 model's forward and backward, so its LLaDA-8B figures can be trusted."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bgpo
-from bgpo.memory import track_fake_memory, track_peak_memory
+from conftest import measure_real_and_fake
 from bgpo.models import LLaDAConfig, LLaDAModelLM, enable_activation_checkpointing
 from bgpo.reference import fused_elbo_loss_reference
-
-
-def _measure(build, run):
-    """(real CPU peak, simulated peak) of ``run(*build())``: the same code on real and on fake tensors."""
-    inputs = build()
-    with track_peak_memory("cpu") as real:
-        run(*inputs)
-    with FakeTensorMode():
-        inputs = build()
-        with track_fake_memory() as fake:
-            run(*inputs)
-    return real.peak_bytes, fake.peak_bytes
 
 
 def _loss_inputs(dtype):
@@ -42,7 +29,7 @@ def test_simulated_op_memory_matches_the_allocator(dtype, fn, backward):
         if backward:
             out.loss.backward()
 
-    real, fake = _measure(_loss_inputs(dtype), run)
+    real, fake = measure_real_and_fake(_loss_inputs(dtype), run)
     assert abs(fake - real) <= 0.1 * real, (real, fake)
 
 
@@ -67,7 +54,7 @@ def test_simulated_model_step_matches_the_allocator():
                                  sample.elbo_weight, torch.tensor([1.0, -1.0, 0.5, -0.5]), num_samples=2,
                                  backend="torch").loss.backward()
 
-    real, fake = _measure(build, run)
+    real, fake = measure_real_and_fake(build, run)
     assert abs(fake - real) <= 0.1 * real, (real, fake)
 
 
@@ -97,5 +84,5 @@ def test_simulated_policy_update_matches_the_allocator(objective, checkpointing)
     def run(model, batch):
         accumulate_policy_gradient(model, batch, objective=objective, num_samples=3, seed=0, backend="torch")
 
-    real, fake = _measure(build, run)
+    real, fake = measure_real_and_fake(build, run)
     assert abs(fake - real) <= 0.1 * real, (real, fake)

@@ -322,7 +322,8 @@ def test_trainer_refuses_code_without_a_sandbox(monkeypatch, tmp_path, capsys):
     from bgpo.cli import train_main
     from bgpo.rewards import sandbox
     from bgpo.train.config import TrainConfig
-    from bgpo.train.trainer import Trainer, _code_reward_checked
+    from bgpo.train.scoring import code_reward_checked
+    from bgpo.train.trainer import Trainer
 
     monkeypatch.setattr(sandbox, "sandbox_problem", lambda: "bwrap not found: install bubblewrap")
     config = TrainConfig(output_dir=str(tmp_path))
@@ -334,10 +335,10 @@ def test_trainer_refuses_code_without_a_sandbox(monkeypatch, tmp_path, capsys):
     assert "install bubblewrap" in capsys.readouterr().err
     config.allow_unsandboxed_code = True
     with pytest.warns(RuntimeWarning, match="without isolation"):
-        reward = _code_reward_checked(config)
+        reward = code_reward_checked(config)
     assert reward("def add(a, b):\n    return a + b\n", {"test_list": [TESTS]}).score == 1.0
     config.data.task = "sudoku"
-    assert _code_reward_checked(config) is None
+    assert code_reward_checked(config) is None
 
 
 def test_limits_are_validated():

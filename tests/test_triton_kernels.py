@@ -419,8 +419,7 @@ def test_fused_elbo_out_of_range_target_is_nan_not_garbage():
 
 def _raw_backward(inputs, softcap=None, **launch):
     lse = fel.fused_elbo_loss_forward(inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
-                                      inputs["masked"], inputs["elbo_weight"], softcap, 0,
-                                      compute_dtype=launch.get("compute_dtype"))[1]
+                                      inputs["masked"], inputs["elbo_weight"], softcap, 0)[1]
     grad = torch.linspace(-2.0, 3.0, inputs["hidden"].shape[0], device=DEVICE)
     return fel.fused_elbo_loss_backward(grad, inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
                                         inputs["masked"], inputs["elbo_weight"], lse, softcap, 0, True, True,
@@ -444,23 +443,129 @@ def test_fused_elbo_backward_chunks_and_determinism(dtype):
     assert fel._dz_chunk(16384, 126464) == 1024 and fel._dz_chunk(10**6, 126464) == 256
 
 
-def test_fused_elbo_compute_dtype_is_autocast():
-    """``compute_dtype=bf16`` on fp32 inputs (what autocast asks for) gives the bf16 computation, fp32 gradients."""
-    inputs = _elbo_inputs(3, 6, 32, 70, torch.float32, bias=True, seed=5)
-    low = {k: (v.bfloat16() if k in ("hidden", "weight", "bias") else v) for k, v in inputs.items()}
-    def args(d):
-        return d["hidden"], d["weight"], d["bias"], d["targets"], d["masked"], d["elbo_weight"], None, 0
+def _peaked_inputs(dtype, *, B=2, L=24, H=64, V=512, seed=0):
+    """As ``benchmarks/fused_elbo_loss.py --peaked``: each row's hidden state is its target's row of W scaled
+    by s plus noise, so its softmax is peaked on the target (a uniform one flatters filtering).  s ~ U(15, 25),
+    not the benchmark's U(5, 25): at these toy shapes a row with s < 10 is flat enough (max p < 0.8) that no
+    16-row tile containing it can be filtered, and nothing would be tested."""
+    inputs = _elbo_inputs(B, L, H, V, torch.float32, bias=True, seed=seed, mask_rate=0.8)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(V, H, generator=gen) * H**-0.5
+    scale = torch.rand(B, L, 1, generator=gen) * 10.0 + 15.0
+    hidden = weight[inputs["targets"].cpu()] * scale + torch.randn(B, L, H, generator=gen) * H**-0.5
+    bias = inputs["bias"] * 0.1  # a small bias: N(0, 1) would flatten the toy softmax
+    inputs.update(hidden=hidden.to(DEVICE, dtype), weight=weight.to(DEVICE, dtype), bias=bias.to(dtype))
+    return inputs
 
-    elbo, lse = fel.fused_elbo_loss_forward(*args(inputs), compute_dtype=torch.bfloat16)
-    elbo_low, lse_low = fel.fused_elbo_loss_forward(*args(low))
-    assert torch.equal(elbo, elbo_low) and torch.equal(lse, lse_low)
-    grads = _raw_backward(inputs, compute_dtype=torch.bfloat16)
-    grads_low = _raw_backward(low)
-    for g, g_low in zip(grads, grads_low):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g.bfloat16(), g_low, rtol=1e-2, atol=1e-3)
-    with pytest.raises(ValueError, match="compute_dtype"):
-        fel.fused_elbo_loss_forward(*args(inputs), compute_dtype=torch.int32)
+
+def _filtered_reference(inputs, eps, cell_n, cell_v):
+    """The filtered gradients in PyTorch (fp32): dz of the compacted rows zeroed on every (cell_n x cell_v) cell
+    whose softmax is < eps everywhere and that holds no row's target; grad h = dz W, grad W = dzᵀ h, grad b."""
+    h32, w32, b32 = (inputs[k].float() for k in ("hidden", "weight", "bias"))
+    B, L, H = h32.shape
+    V = w32.shape[0]
+    coef = torch.linspace(-2.0, 3.0, B, device=DEVICE) * inputs["elbo_weight"].float()  # as _raw_backward
+    rows = (inputs["masked"] & (coef != 0)[:, None]).reshape(-1).nonzero().squeeze(1)
+    h, y = h32.reshape(-1, H)[rows], inputs["targets"].reshape(-1)[rows]
+    prob = torch.softmax(h @ w32.T + b32, dim=1)
+    onehot = torch.nn.functional.one_hot(y, V).float()
+    dz = coef[rows // L, None] * (onehot - prob)
+    N = rows.numel()
+    for n0 in range(0, N, cell_n):
+        for c0 in range(0, V, cell_v):
+            cell = (slice(n0, n0 + cell_n), slice(c0, c0 + cell_v))
+            if bool((prob[cell] < eps).all()) and not bool(onehot[cell].any()):
+                dz[cell] = 0.0
+    grad_h = torch.zeros(B * L, H, device=DEVICE)
+    grad_h[rows] = dz @ w32
+    return grad_h.view(B, L, H), dz.T @ h, dz.sum(dim=0)
+
+
+def _tile(n, v, h=32):
+    return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h}, num_warps=4, num_stages=1)]
+
+
+@pytest.mark.parametrize("grad_tiles", ["same", "coarser", "finer"])
+def test_grad_filter_is_the_gradient_of_the_zeroed_cells(monkeypatch, grad_tiles):
+    """eps > 0 on peaked logits: the gradients are exactly (to fp32 rounding) those of dz zeroed on the dz kernel's
+    skipped (row tile, vocabulary block) cells, whether the grad-W/grad-h steps match the cells, span several of
+    them or lie inside one; they differ from the exact ones, by at most the bound of the dropped mass; and the
+    filtered backward is deterministic."""
+    monkeypatch.setattr(fel._dz_kernel, "configs", _tile(16, 32))
+    consumer = {"same": _tile(16, 32), "coarser": _tile(32, 64), "finer": _tile(16, 16, 16)}[grad_tiles]
+    monkeypatch.setattr(fel._grad_w_kernel, "configs", consumer)
+    monkeypatch.setattr(fel._grad_h_kernel, "configs", consumer)
+    inputs = _peaked_inputs(torch.float32)
+    eps = 2.0**-12
+    exact = _raw_backward(inputs)
+    filtered = _raw_backward(inputs, grad_filter_eps=eps)
+    for name, got, want, full in zip(("h", "W", "bias"), filtered, _filtered_reference(inputs, eps, 16, 32), exact):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=name)
+        assert (got - full).abs().max() > 1e-3 * scale, f"grad {name}: nothing was filtered"
+    # each dropped entry has |dz| < |coef|·eps: |Δ grad W[v]| <= eps Σ_r |coef_r| |h_r|
+    coef = (torch.linspace(-2.0, 3.0, 2, device=DEVICE) * inputs["elbo_weight"])[:, None, None].abs()
+    bound = eps * (coef * inputs["hidden"].abs() * inputs["masked"][..., None]).sum(dim=(0, 1))
+    assert torch.all((filtered[1] - exact[1]).abs() <= bound[None, :] * (1 + 1e-4) + 1e-7)
+    again = _raw_backward(inputs, grad_filter_eps=eps)
+    assert all(torch.equal(a, b) for a, b in zip(filtered, again))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grad_filter_error_on_peaked_logits(dtype):
+    """The measured error of CCE's bf16 threshold 2**-12 against the exact path, next to the exact bf16 path's own
+    rounding error against fp32 (README quotes the printout)."""
+    inputs = _peaked_inputs(dtype, B=3, L=16, V=1024)
+    exact = _raw_backward(inputs)
+    exact32 = _raw_backward({k: v.float() if k in ("hidden", "weight", "bias") else v for k, v in inputs.items()})
+    filtered = _raw_backward(inputs, grad_filter_eps=2.0**-12)
+
+    def relative(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    names = ("grad_h", "grad_W", "grad_bias")
+    errors = {name: relative(f, e) for name, f, e in zip(names, filtered, exact)}
+    rounding = {name: relative(e, e32) for name, e, e32 in zip(names, exact, exact32)}
+    print(f"\n{dtype}, grad_filter_eps=2**-12, peaked logits: relative error (Frobenius) vs the exact path: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+          + "; exact path vs fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in rounding.items()))
+    assert 0 < max(errors.values()) < 1e-2, errors
+
+
+def test_grad_filter_skips_nothing_on_a_uniform_softmax():
+    """Near-uniform softmax (p ≈ 1/V ≫ eps): nothing is skipped, the gradients are bit-identical to the exact path."""
+    inputs = _elbo_inputs(3, 6, 32, 100, torch.float32, bias=True, seed=9, mask_rate=0.9)
+    inputs["weight"] = inputs["weight"] * 1e-3
+    exact = _raw_backward(inputs, softcap=5.0)
+    filtered = _raw_backward(inputs, softcap=5.0, grad_filter_eps=2.0**-12)
+    assert all(torch.equal(a, b) for a, b in zip(exact, filtered))
+
+
+def test_grad_filter_through_the_public_op():
+    """grad_filter_eps reaches the Triton backward through fused_elbo's autograd (the launcher's filtered gradients,
+    bit for bit); other backends and thresholds outside (0, 1) are a ValueError naming the argument."""
+    inputs = _peaked_inputs(torch.float32)
+    leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    elbo = bgpo.fused_elbo(leaves[0], leaves[1], inputs["targets"], inputs["masked"], inputs["elbo_weight"],
+                           bias=leaves[2], backend="triton", grad_filter_eps=2.0**-12)
+    upstream = torch.linspace(-2.0, 3.0, elbo.shape[0], device=DEVICE)  # as _raw_backward
+    got = torch.autograd.grad(elbo, leaves, upstream)
+    want = _raw_backward(inputs, grad_filter_eps=2.0**-12)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert not torch.equal(want[1], _raw_backward(inputs)[1])
+    # an out-of-range target (host checks skipped: the raw op) still makes its row's gradients NaN when filtering
+    targets = inputs["targets"].clone()
+    targets[1, 0] = -1
+    raw = (inputs["hidden"], inputs["weight"], inputs["bias"], targets, inputs["masked"], inputs["elbo_weight"])
+    _, lse = torch.ops.bgpo.fused_elbo_loss_fwd(*raw, None, "triton", 0)
+    grad_h, grad_w, _ = torch.ops.bgpo.fused_elbo_loss_bwd(upstream, *raw, lse, None, "triton", 0, True, True, True,
+                                                           2.0**-12)
+    assert torch.isnan(grad_h[1, 0]).all() and torch.isfinite(grad_h[1, 1:]).all() and torch.isnan(grad_w).any()
+    args = (inputs["hidden"], inputs["weight"], inputs["targets"], inputs["masked"], inputs["elbo_weight"])
+    with pytest.raises(ValueError, match="grad_filter_eps.*'triton' backend only"):
+        bgpo.fused_elbo(*args, backend="torch", grad_filter_eps=2.0**-12)
+    for bad in (0.0, 1.0, -1e-3, float("nan"), True, "1e-3"):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            bgpo.fused_elbo(*args, backend="triton", grad_filter_eps=bad)
 
 
 def test_fused_elbo_backward_memory_has_no_fp32_vocab_buffer(monkeypatch):

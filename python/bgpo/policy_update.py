@@ -14,6 +14,11 @@ the optimizer).  How the graph is held is the point of the library:
 * ``diffu_grpo`` is d1's one-step estimator: one forward of the fully masked response (prompt tokens
   masked with p = 0.15), per-token log-probs from full logits; n_t does not apply.
 
+With ``pack_sequences`` (bgpo, wd1, vrpo, spg; not diffu-GRPO's per-token path) each forward packs the
+real tokens of its rows (those ``attention_mask`` keeps) into one row with ``cu_seqlens`` (``bgpo.packing``):
+padding costs no compute.  The masks are drawn on the padded ids exactly as without packing and the kept
+tokens gathered from them, so the ELBO terms, losses and gradients are the padded path's (fp32 tolerance).
+
 Masks come from ``random_mask`` seeded by ``seed`` and the sequence ids, so the old policy's ELBO terms
 (``old_policy_elbos``, computed once without grad before the first of μ updates) and every update
 see the same noisy samples, regenerated rather than stored.
@@ -28,9 +33,10 @@ import torch
 
 from . import objectives
 from .estimators import one_step_mask, token_logprobs
-from .ops._checks import check_int, check_real, values_readable
+from .ops._checks import check_bool, check_int, check_real, check_values, values_readable
 from .ops.fused_elbo_loss import fused_elbo, fused_elbo_loss
 from .ops.random_mask import random_mask
+from .packing import keep_mask, pack, supports_packing
 
 __all__ = ["PolicyBatch", "accumulate_policy_gradient", "old_policy_elbos", "old_policy_token_logprobs", "OBJECTIVES"]
 
@@ -84,13 +90,24 @@ def _forward_autocast(model, autocast: torch.dtype | None):
     return torch.autocast(model.lm_head_weight.device.type, dtype=autocast)
 
 
-def _sample_elbo(model, batch: PolicyBatch, samples: range, *, num_samples, seed, scheme, backend, autocast=None):
+def _sample_elbo(model, batch: PolicyBatch, samples: range, *, num_samples, seed, scheme, backend, autocast=None,
+                 pack_sequences=False):
     """The inputs of ``fused_elbo(_loss)`` for the k MC samples ``samples`` in one forward: the batch's B
-    rows repeated k times (sample-major: row s*B + b is sample ``samples[s]`` of response b)."""
+    rows repeated k times (sample-major: row s*B + b is sample ``samples[s]`` of response b), padded or
+    packed (then ``hidden`` is (T, H) and ``cu_seqlens`` delimits the k·B sequences)."""
     k = len(samples)
     sample = random_mask(batch.input_ids, batch.maskable, mask_id=model.mask_token_id, seed=seed,
                          sample_index=samples, num_samples=num_samples, sequence_ids=batch.sequence_ids,
                          scheme=scheme)
+    if pack_sequences:  # the same masks, gathered at the kept tokens
+        packing = pack(keep_mask(batch.input_ids, batch.attention_mask).repeat(k, 1))
+        with _forward_autocast(model, autocast):
+            hidden = model.hidden_states(packing.gather(sample.noisy_ids.flatten(0, 1)).unsqueeze(0),
+                                         **packing.model_inputs())[0]
+        return dict(hidden=hidden.to(model.lm_head_weight.dtype), weight=model.lm_head_weight,
+                    targets=packing.gather(batch.input_ids.repeat(k, 1)),
+                    masked=packing.gather(sample.masked.flatten(0, 1)), elbo_weight=sample.elbo_weight.flatten(),
+                    bias=model.lm_head_bias, backend=backend, cu_seqlens=packing.cu_seqlens)
     P = batch.prompt_length
     attention = None if batch.attention_mask is None else batch.attention_mask.repeat(k, 1)
     with _forward_autocast(model, autocast):
@@ -106,6 +123,18 @@ def _sample_groups(num_samples: int, samples_per_forward: int) -> list[range]:
     return [range(j, min(j + samples_per_forward, num_samples)) for j in range(0, num_samples, samples_per_forward)]
 
 
+def _check_packing(model, batch: PolicyBatch, pack_sequences: bool, objective: str = "bgpo") -> None:
+    check_bool("pack_sequences", pack_sequences)
+    if not pack_sequences or objective == "diffu_grpo":  # diffu-GRPO's per-token path always runs padded
+        return
+    if not supports_packing(model):
+        raise ValueError(f"pack_sequences: {type(model).__name__}.hidden_states does not take cu_seqlens "
+                         "(bgpo's LLaDAModelLM does); use pack_sequences=False")
+    # A scored token hidden from attention would be dropped by packing but scored by the padded path.
+    check_values("attention_mask", keep_mask(batch.input_ids, batch.attention_mask) | ~batch.maskable,
+                 "nonzero at every response token that response_mask scores (packing keeps only those)")
+
+
 def _check_samples_per_forward(samples_per_forward: int, objective: str = "bgpo") -> None:
     check_int("samples_per_forward", samples_per_forward, low=1)
     if samples_per_forward > 1 and objective not in LINEAR_OBJECTIVES:
@@ -116,17 +145,20 @@ def _check_samples_per_forward(samples_per_forward: int, objective: str = "bgpo"
 @torch.no_grad()
 def old_policy_elbos(model, batch: PolicyBatch, *, num_samples: int, seed: int, scheme: str = "stratified",
                      micro_batch_size: int | None = None, backend: str = "auto",
-                     autocast: torch.dtype | None = None, samples_per_forward: int = 1) -> torch.Tensor:
+                     autocast: torch.dtype | None = None, samples_per_forward: int = 1,
+                     pack_sequences: bool = False) -> torch.Tensor:
     """(n_t, N) ELBO terms ℓ_j^old of the current parameters, to keep as scalars for μ > 1 updates
-    (``samples_per_forward`` samples per forward, as in ``accumulate_policy_gradient``)."""
+    (``samples_per_forward`` samples per forward and ``pack_sequences`` as in ``accumulate_policy_gradient``)."""
     _check_samples_per_forward(samples_per_forward)
+    _check_packing(model, batch, pack_sequences)
     step = micro_batch_size or len(batch)
     columns = []
     for start in range(0, len(batch), step):
         micro = batch.slice(slice(start, start + step))
         columns.append(torch.cat([
             fused_elbo(**_sample_elbo(model, micro, samples, num_samples=num_samples, seed=seed, scheme=scheme,
-                                      backend=backend, autocast=autocast)).view(len(samples), len(micro))
+                                      backend=backend, autocast=autocast, pack_sequences=pack_sequences))
+            .view(len(samples), len(micro))
             for samples in _sample_groups(num_samples, samples_per_forward)
         ]))
     return torch.cat(columns, dim=1)
@@ -154,6 +186,7 @@ def accumulate_policy_gradient(
     beta: float = 0.0,
     backward: Callable[[torch.Tensor], None] | None = None,
     samples_per_forward: int = 1,
+    pack_sequences: bool = False,
 ) -> dict:
     """Back-propagate the batch's loss for ``objective``; return ``{"loss": float, "elbo": (n_t, N) or None}``.
 
@@ -171,6 +204,9 @@ def accumulate_policy_gradient(
     ``backward(loss)`` replaces ``loss.backward()`` (e.g. ``accelerator.backward`` under accelerate).
     ``samples_per_forward`` k (bgpo, wd1): k MC samples share one forward and backward (k need not divide
     n_t); the gradient is k = 1's, the activations are those of k·B rows.
+    ``pack_sequences`` (bgpo, wd1, vrpo, spg; diffu-GRPO runs padded): forward the rows' real tokens packed
+    in one row (``bgpo.packing``), the same gradient without compute on padding; needs a model whose
+    ``hidden_states`` takes ``cu_seqlens`` (``supports_packing``).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
@@ -192,6 +228,7 @@ def accumulate_policy_gradient(
         raise ValueError(f"beta: objective {objective!r} takes no ELBO KL term (diffu_grpo: diffu_grpo_options"
                          " 'beta' and 'ref_logp')")
     _check_samples_per_forward(samples_per_forward, objective)
+    _check_packing(model, batch, pack_sequences, objective)
     if objective == "wd1" and micro_batch_size and micro_batch_size % batch.group_size:
         raise ValueError("micro_batch_size: wd1 needs whole groups in a micro-batch (a multiple of group_size)")
     denom = float(len(batch) if denom is None else denom)
@@ -206,7 +243,8 @@ def accumulate_policy_gradient(
         micro = batch.slice(rows)
         old = None if old_elbos is None else old_elbos[:, rows]
         ref = None if ref_elbos is None else ref_elbos[:, rows]
-        sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend, autocast=autocast)
+        sample = dict(num_samples=num_samples, seed=seed, scheme=scheme, backend=backend, autocast=autocast,
+                      pack_sequences=pack_sequences)
         if objective == "diffu_grpo":
             options = {key: value[rows] if key in ("old_logp", "ref_logp") and value is not None else value
                        for key, value in (diffu_grpo_options or {}).items()}

@@ -9,7 +9,9 @@ Two input layouts:
 * **packed** batch of one row holding several sequences back to back, delimited by ``cu_seqlens``
   (int32, ``[0, len_0, len_0 + len_1, ..., total]``); a token attends only within its sequence.  On CUDA
   in fp16/bf16 with flash-attn installed this is flash-attn's varlen kernel (no padding, no T x T mask);
-  elsewhere it falls back to SDPA with a block-diagonal mask (same result, O(T^2) mask memory).
+  elsewhere SDPA runs on each sequence in turn: the same result as a block-diagonal mask (a token's
+  softmax runs over its own sequence's keys only), without the O(T^2) mask or the cross-sequence
+  scores: the score memory is the longest sequence's, the work Σ len_i^2.
 
 Tensors are laid out (B, T, heads, head_dim), flash-attn's layout; grouped-query attention
 (fewer KV heads) is handled by both paths without repeating K and V.
@@ -21,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attend", "flash_attn_varlen", "packed_segment_ids", "KVCache"]
+__all__ = ["attend", "flash_attn_varlen", "KVCache"]
 
 
 @functools.cache
@@ -73,12 +75,6 @@ class KVCache:
         return keys, values
 
 
-def packed_segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Index of the sequence each of the ``total`` packed tokens belongs to, shape (total,)."""
-    positions = torch.arange(total, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-
-
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,12 +92,18 @@ def attend(
             longest = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
             out = varlen(q[0], k[0], v[0], cu, cu, longest, longest, dropout_p=0.0, causal=False)
             return out.unsqueeze(0)
-        segments = packed_segment_ids(cu_seqlens, q.shape[1])
-        allowed = (segments[:, None] == segments[None, :])[None, None]  # (1, 1, T, T)
-    elif key_padding_mask is not None:
+        bounds = cu_seqlens.tolist()  # one host read per layer (the CPU path; flash-attn's takes none)
+        pieces = [_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], None) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return torch.cat(pieces, dim=1) if pieces else torch.empty_like(q)
+    if key_padding_mask is not None:
         allowed = key_padding_mask[:, None, None, :]  # (B, 1, 1, T): mask keys only
     else:
         allowed = None
+    return _sdpa(q, k, v, allowed)
+
+
+def _sdpa(q, k, v, allowed):
+    """SDPA on (B, T, heads, head_dim) tensors; ``allowed`` a boolean mask broadcastable to (B, heads, T, T)."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, attend, packed_segment_ids
+from ..ops._checks import check_cu_seqlens, check_shape, check_tensor
+from ..packing import segment_ids
+from .attention import KVCache, attend
 from .config import LLaDAConfig
 from .rotary import apply_rotary, rotary_tables
 
@@ -161,6 +163,7 @@ class LLaDAModelLM(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_start: int | None = None,
     ) -> torch.Tensor:
@@ -170,7 +173,9 @@ class LLaDAModelLM(nn.Module):
         are 0..T-1 regardless of padding: attention scores under RoPE depend only on the difference of
         two positions, so a left-padded sequence gives the same result as the unpadded one.
         ``cu_seqlens`` (with B = 1) packs several sequences in one row, see ``bgpo.models.attention``;
-        each restarts at position 0 and attends only to itself.
+        each attends only to itself and restarts at position 0, or takes ``position_ids`` (1, T) (e.g. the
+        tokens' columns in the padded batch they were gathered from: under RoPE the result then equals
+        the padded forward's at those tokens, whatever padding was dropped; see ``bgpo.packing``).
 
         ``kv_cache`` (a ``KVCache``, sampling only): without ``cache_start`` the forward stores every
         layer's keys and values in it; with ``cache_start=s`` the ``input_ids`` (B, n) are the tokens at
@@ -195,8 +200,16 @@ class LLaDAModelLM(nn.Module):
                 raise ValueError("attention_mask: cannot be combined with cu_seqlens (packed rows have no padding)")
             if input_ids.shape[0] != 1:
                 raise ValueError(f"cu_seqlens: packed input must be one row, got batch {input_ids.shape[0]}")
-            positions = positions - cu_seqlens.to(positions.dtype)[packed_segment_ids(cu_seqlens, length)]
+            check_cu_seqlens("cu_seqlens", cu_seqlens, length, input_ids.device)
+            if position_ids is None:
+                positions = positions - cu_seqlens.to(positions.dtype)[segment_ids(cu_seqlens, length)]
+            else:
+                check_tensor("position_ids", position_ids, integer=True)
+                check_shape("position_ids", position_ids, (1, length))
+                positions = position_ids[0]
             mask = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        elif position_ids is not None:
+            raise ValueError("position_ids: only taken with cu_seqlens (padded rows use positions 0..T-1)")
         elif attention_mask is not None:
             expected = tuple(input_ids.shape)
             if cache_start is not None and kv_cache.keys:  # keys: the whole cached sequence
@@ -213,11 +226,14 @@ class LLaDAModelLM(nn.Module):
 
     #: ``bgpo.rollout.generate(cache=...)`` may pass ``kv_cache`` / ``cache_start`` to ``hidden_states``.
     supports_kv_cache = True
+    #: ``hidden_states`` takes ``cu_seqlens`` / ``max_seqlen`` / ``position_ids`` (``bgpo.packing``).
+    supports_packing = True
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       **cache) -> torch.Tensor:
         """What the LM head consumes, (B, T, d_model); calls the module (hooks run).  ``cache``:
-        ``kv_cache`` / ``cache_start`` as in ``forward``."""
+        ``kv_cache`` / ``cache_start``, or the packing arguments ``cu_seqlens`` / ``max_seqlen`` /
+        ``position_ids``, as in ``forward``."""
         return self(input_ids, attention_mask, **cache)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,3 +85,15 @@ def check_bool(name: str, value) -> None:
     """``value`` is a real ``bool`` (a string such as ``"false"`` would read as True)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device | None = None) -> None:
+    """Packed-sequence boundaries: a 1-D integer tensor ``[0, ..., total]``, non-decreasing (sequence i is
+    rows ``cu_seqlens[i]`` to ``cu_seqlens[i + 1] - 1``; an empty sequence is allowed)."""
+    check_tensor(name, cu_seqlens, dims=1, integer=True)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name}: expected at least 2 entries [0, ..., {total}], got shape {tuple(cu_seqlens.shape)}")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {cu_seqlens.device}")
+    check_values(name, (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all(),
+                 f"non-decreasing offsets from 0 to {total} (the number of packed rows)")

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from .. import objectives
 from ..backends import Backend, register_backend, registered_backend, resolve_backend
 from ..memory import register_workspace
-from ._checks import check_all_values, check_device, check_int, check_shape, check_tensor
+from ..packing import segment_ids
+from ._checks import check_all_values, check_cu_seqlens, check_device, check_int, check_shape, check_tensor
 
 __all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -277,6 +278,7 @@ def _fwd_op(
     softcap: float | None,
     backend: str,
     chunk_size: int,
+    grad_filter_eps: float | None = None,  # used by the backward only: carried here for autograd
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
     with _no_autocast(hidden):  # the op chooses its own precision (fp32 accumulation), whatever the caller's
@@ -284,7 +286,7 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, bias, targets, masked, elbo_weight, softcap, backend, chunk_size):
+def _(hidden, weight, bias, targets, masked, elbo_weight, softcap, backend, chunk_size, grad_filter_eps=None):
     B, L, _ = hidden.shape
     return hidden.new_empty(B, dtype=torch.float32), hidden.new_empty(B, L, dtype=torch.float32)
 
@@ -305,16 +307,19 @@ def _bwd_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    grad_filter_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = resolve_backend("fused_elbo_loss", backend, hidden.device).impl
+    chosen = resolve_backend("fused_elbo_loss", backend, hidden.device)
+    # only the Triton backend filters: the others take no such argument (see _check_grad_filter)
+    extra = {} if grad_filter_eps is None else {"grad_filter_eps": _check_grad_filter(grad_filter_eps, chosen.name)}
     with _no_autocast(hidden):
-        return impl.backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap,
-                             chunk_size, need_hidden, need_weight, need_bias)
+        return chosen.impl.backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap,
+                                    chunk_size, need_hidden, need_weight, need_bias, **extra)
 
 
 @_bwd_op.register_fake
 def _(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, backend, chunk_size,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, grad_filter_eps=None):
     return (
         hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),  # contiguous, as the backends
         torch.empty_like(weight) if need_weight else weight.new_empty(0),
@@ -323,9 +328,9 @@ def _(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softca
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, masked, elbo_weight, softcap, backend, chunk_size = inputs
+    hidden, weight, bias, targets, masked, elbo_weight, softcap, backend, chunk_size, grad_filter_eps = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, masked, elbo_weight, output[1])
-    ctx.softcap, ctx.backend, ctx.chunk_size = softcap, backend, chunk_size
+    ctx.softcap, ctx.backend, ctx.chunk_size, ctx.grad_filter_eps = softcap, backend, chunk_size, grad_filter_eps
 
 
 def _backward(ctx, grad_elbo, _grad_lse):
@@ -334,13 +339,13 @@ def _backward(ctx, grad_elbo, _grad_lse):
     need_bias = need_bias and bias is not None
     grad_hidden, grad_weight, grad_bias = _bwd_op(
         grad_elbo.contiguous(), hidden, weight, bias, targets, masked, elbo_weight, lse,
-        ctx.softcap, ctx.backend, ctx.chunk_size, need_hidden, need_weight, need_bias,
+        ctx.softcap, ctx.backend, ctx.chunk_size, need_hidden, need_weight, need_bias, ctx.grad_filter_eps,
     )
     return (
         grad_hidden if need_hidden else None,
         grad_weight if need_weight else None,
         grad_bias if need_bias else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )
 
 
@@ -405,6 +410,18 @@ def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softc
     )
 
 
+def _check_grad_filter(grad_filter_eps, backend_name: str) -> float:
+    """``grad_filter_eps`` as a float in (0, 1), for a backend that filters (only ``"triton"`` does: the
+    others would silently compute the exact gradient, so they refuse a threshold instead)."""
+    if (isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float))
+            or not 0.0 < grad_filter_eps < 1.0):
+        raise ValueError(f"grad_filter_eps: expected None or a number in (0, 1), got {grad_filter_eps!r}")
+    if backend_name != "triton":
+        raise ValueError(f"grad_filter_eps: gradient filtering is implemented by the 'triton' backend only, "
+                         f"the backend here is {backend_name!r}; pass grad_filter_eps=None for the exact gradient")
+    return float(grad_filter_eps)
+
+
 def _autocast_operands(hidden, weight, bias):
     """Under autocast for the tensors' device, the operands cast to the autocast dtype as a matmul's would be
     (as Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype; a copy of W is held)."""
@@ -428,19 +445,49 @@ def fused_elbo(
     softcap: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Differentiable per-sequence ELBO term ℓ (B,) fp32 of one MC sample, from hidden states and the LM head.
 
     Arguments as in :func:`fused_elbo_loss`.  Use it to build objectives that are not linear in the MC
     samples (e.g. ``bgpo.objectives.vrpo_loss``) on top of the same logit-free kernels.
     """
+    if cu_seqlens is not None:
+        return _packed_elbo(hidden, weight, targets, masked, elbo_weight, cu_seqlens, bias=bias, softcap=softcap,
+                            backend=backend, chunk_size=chunk_size, grad_filter_eps=grad_filter_eps)
     _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size)
+    if grad_filter_eps is not None:
+        grad_filter_eps = _check_grad_filter(
+            grad_filter_eps, resolve_backend("fused_elbo_loss", backend, hidden.device).name)
     hidden, weight, bias = _autocast_operands(hidden, weight, bias)
     elbo, _ = _fwd_op(
         hidden, weight, bias, targets, masked, elbo_weight,
-        None if softcap is None else float(softcap), backend, chunk_size or 0,
+        None if softcap is None else float(softcap), backend, chunk_size or 0, grad_filter_eps,
     )
     return elbo
+
+
+def _packed_elbo(hidden, weight, targets, masked, elbo_weight, cu_seqlens, **options) -> torch.Tensor:
+    """ℓ (S,) of S packed sequences with no backend of its own: the T packed rows are run as T "sequences"
+    of one row each, row r weighted by its sequence's w, and the (T,) per-row terms w_s · logp_r are
+    summed per sequence (index_add, differentiable).  ℓ_s = Σ_{r in s} w_s logp_r is the padded op's
+    w_s Σ_{r in s} logp_r, and the backward hands each row the coefficient gℓ_s · w_s as before, so every
+    backend and the memory simulator work unchanged."""
+    check_tensor("hidden", hidden, dims=2, floating=True)
+    T = hidden.shape[0]
+    check_cu_seqlens("cu_seqlens", cu_seqlens, T, hidden.device)
+    S = cu_seqlens.shape[0] - 1
+    for name, value in (("targets", targets), ("masked", masked)):
+        check_tensor(name, value, dims=1)
+        check_shape(name, value, (T,))  # one entry per packed row
+    check_tensor("elbo_weight", elbo_weight, dims=1)
+    check_shape("elbo_weight", elbo_weight, (S,))  # one per sequence: len(cu_seqlens) - 1
+    check_device("elbo_weight", elbo_weight, hidden)
+    sequence = segment_ids(cu_seqlens, T)
+    rows = fused_elbo(hidden.unsqueeze(1), weight, targets.unsqueeze(1), masked.unsqueeze(1), elbo_weight[sequence],
+                      **options)
+    return rows.new_zeros(S).index_add(0, sequence, rows)
 
 
 def fused_elbo_loss(
@@ -463,6 +510,8 @@ def fused_elbo_loss(
     softcap: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    grad_filter_eps: float | None = None,
 ) -> ElboLoss:
     """Loss of one MC sample of the BGPO bound (or the plain ELBO policy gradient), logit-free.
 
@@ -495,12 +544,20 @@ def fused_elbo_loss(
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
         chunk_size: rows per block of the torch and C++ backends (default: as many as fit in 2**18 logits
             per tile); it bounds their extra memory.
+        cu_seqlens: packed input (``bgpo.packing``): B sequences back to back in T rows, sequence b being
+            rows ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` (a 1-D integer tensor from 0 to T,
+            non-decreasing).  ``hidden`` is then (T, H), ``targets`` and ``masked`` (T,); ``elbo_weight``,
+            ``advantages`` and the returned ℓ stay per sequence, (B,).
+        grad_filter_eps: Cut Cross-Entropy's gradient filtering, ``"triton"`` backend only (another backend
+            raises ValueError): the backward drops the vocabulary blocks whose softmax is below this
+            threshold for every row of the row tile (never a block holding a row's target).  None (default):
+            exact; 2**-12 is CCE's choice for bf16 (README, "Triton kernels", for the measured error).
 
     Returns:
         ``ElboLoss(loss, elbo)``: the scalar loss and the detached (B,) ℓ.
     """
     elbo = fused_elbo(hidden, weight, targets, masked, elbo_weight, bias=bias, softcap=softcap,
-                      backend=backend, chunk_size=chunk_size)
+                      backend=backend, chunk_size=chunk_size, cu_seqlens=cu_seqlens, grad_filter_eps=grad_filter_eps)
     loss = objectives.per_sample_loss(
         elbo, advantages, old_elbo, objective=objective, num_samples=num_samples, denom=denom,
         clip=clip, max_log_ratio=max_log_ratio, ref_elbo=ref_elbo, beta=beta,

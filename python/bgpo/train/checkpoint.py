@@ -58,7 +58,7 @@ _NAME = re.compile(r"step-(\d{8,})")
 # ``steps`` with a linear or cosine schedule stretches the LR decay over the new total.
 RESUME_MAY_CHANGE = ("output_dir", "steps", "checkpoint", "log", "model.device", "model.activation_checkpointing",
                      "policy.micro_batch_size", "policy.samples_per_forward", "policy.memory_budget_gib",
-                     "optim.max_nonfinite")
+                     "policy.pack_sequences", "optim.max_nonfinite")
 
 
 class CheckpointError(RuntimeError):

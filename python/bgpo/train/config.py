@@ -111,6 +111,9 @@ class PolicyConfig:
     micro_batch_size: int | None = _opt(None, "responses per forward/backward (None = the rank's whole batch)", ge=1)
     samples_per_forward: int = _opt(1, "MC samples sharing one forward/backward (bgpo, wd1; same gradient, memory "
                                        "grows with it)", ge=1)
+    pack_sequences: bool = _opt(True, "forward each micro-batch's real tokens packed in one row (cu_seqlens), no "
+                                      "compute on padding; the same gradient (bgpo's LLaDA with bgpo, wd1, vrpo, "
+                                      "spg; diffu_grpo and model.hf run padded)")
     memory_budget_gib: float | None = _opt(None, "GPU memory budget, GiB: bgpo.plan chooses micro_batch_size, "
                                                  "samples_per_forward and activation checkpointing (None = off)", gt=0)
     clip: list | None = _opt(None, "[eps_low, eps_high] PPO-style clip of the ratio (bgpo, vrpo); None = off")

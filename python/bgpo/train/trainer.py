@@ -24,8 +24,6 @@ import contextlib
 import functools
 import math
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,9 +35,9 @@ from ..data.tokenizer import check_tokenizer_matches
 from ..estimators import group_advantages
 from ..objectives import k3
 from ..models import find_blocks
+from ..packing import supports_packing
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
-from ..rewards import code_reward, get_reward
-from ..rewards.sandbox import require_sandbox
+from ..rewards import get_reward
 from ..rollout import generate
 from .checkpoint import complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, save_weights
 from .config import TrainConfig, config_to_dict
@@ -47,24 +45,14 @@ from .distributed import DistributedContext, all_reduce, all_reduce_gradients, b
     init_distributed, shard_model
 from .metrics import MetricsWriter, learning_signals, peak_memory_mib
 from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
+from .schedule import lr_multiplier
+from .scoring import code_reward_checked, score_completions, split_responses
 from .seeds import derive_seed
 from .sft import supervised_warmup
 from .signals import StopSignals
 
 __all__ = ["Trainer", "NonFiniteError"]
 
-
-
-def _code_reward_checked(config):
-    """The code reward once the sandbox is known to work (a RuntimeError saying what to install if not,
-    unless ``allow_unsandboxed_code``); None for the other rewards."""
-    if (config.reward or config.data.task) != "code":
-        return None
-    if require_sandbox(config.allow_unsandboxed_code):
-        return get_reward("code")
-    warnings.warn("allow_unsandboxed_code: the code sandbox does not work here; model-written code runs as this "
-                  "user, without isolation", RuntimeWarning, stacklevel=2)
-    return lambda completion, example: code_reward(completion, example, allow_unsandboxed=True)
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient, or a step left non-finite weights."""
@@ -79,7 +67,7 @@ class Trainer:
         ``train()`` installs its own."""
         self.context = context or init_distributed(config.distributed)
         self.config = config.validate(self.context.world_size)
-        self.reward_fn = _code_reward_checked(config)  # before any slow work: refuse early without a sandbox
+        self.reward_fn = code_reward_checked(config)  # before any slow work: refuse early without a sandbox
         self.output_dir = Path(config.output_dir)
         self.stop = stop or StopSignals()
         # Before any work: a refused resume costs nothing.
@@ -96,6 +84,7 @@ class Trainer:
         if config.lora.enabled:
             self.model = apply_lora(self.model, config.lora, seed=derive_seed(config.seed, -3))
         self.micro_batch_size, self.samples_per_forward = self._plan_update()
+        self.pack_sequences = config.policy.pack_sequences and supports_packing(self.model)  # else padded
         if self.context.strategy == "ddp":
             broadcast_parameters(self.model)
         self.model = shard_model(self.model, find_blocks(self.model), self.context)
@@ -104,7 +93,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
         total_updates = max(1, config.steps * config.policy.updates_per_batch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(o.schedule, o.warmup_steps,
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(o.schedule, o.warmup_steps,
                                                                                       total_updates))
         self.reward_fn = self.reward_fn or get_reward(config.reward or config.data.task)
         self.template = config.data.prompt_template or TASK_PROMPTS[config.data.task]
@@ -185,30 +174,12 @@ class Trainer:
         sampler = {"rollout_forwards_per_answer": forwards / len(sequences),
                    "rollout_tokens_per_s": len(sequences) * r.gen_length / seconds,
                    "rollout_parallel_fraction": parallel / len(sequences)}
-        responses = sequences[:, length:]
-        if self.eos_id is None:
-            response_mask = torch.ones_like(responses, dtype=torch.bool)
-        else:
-            is_eos = (responses == self.eos_id).long()
-            response_mask = (is_eos.cumsum(dim=1) - is_eos) == 0  # up to and including the first EOS
-        completions = [self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
-                       for row, keep in zip(responses.cpu(), response_mask.cpu())]
-        full_attention = torch.cat([attention.repeat_interleave(group_size, dim=0),
-                                    torch.ones_like(responses.cpu())], dim=1).to(self.device)
-        return dict(sequences=sequences, prompt_length=length, response_mask=response_mask,
-                    attention_mask=None if bool(full_attention.all()) else full_attention, completions=completions,
-                    sampler=sampler)
+        return dict(sequences=sequences, prompt_length=length, sampler=sampler,
+                    **split_responses(sequences, length, attention, group_size, self.eos_id, self.tokenizer))
 
     def score(self, completions: list[str], examples: list[dict]) -> tuple[torch.Tensor, list[str]]:
         """Rewards (N,) and reasons; completion k answers ``examples[k // (N / len(examples))]``."""
-        group = len(completions) // len(examples)
-        pairs = [(c, examples[k // group]) for k, c in enumerate(completions)]
-        if self.config.data.task == "code":  # subprocesses: score them in parallel
-            with ThreadPoolExecutor(max_workers=min(8, len(pairs))) as pool:
-                outputs = list(pool.map(lambda pair: self.reward_fn(*pair), pairs))
-        else:
-            outputs = [self.reward_fn(c, e) for c, e in pairs]
-        return torch.tensor([o.score for o in outputs], dtype=torch.float32), [o.reason for o in outputs]
+        return score_completions(self.reward_fn, completions, examples, parallel=self.config.data.task == "code")
 
     # ------------------------------------------------------------------------------------------ a step
     def _local_examples(self, step: int) -> tuple[list[dict], int]:
@@ -239,7 +210,7 @@ class Trainer:
         autocast = DTYPES[c.model.autocast] if c.model.autocast else None
         common = dict(num_samples=p.num_samples, seed=mask_seed, micro_batch_size=self.micro_batch_size,
                       scheme=p.scheme, backend=p.backend, autocast=autocast,
-                      samples_per_forward=self.samples_per_forward)
+                      samples_per_forward=self.samples_per_forward, pack_sequences=self.pack_sequences)
         old_elbos, ref_elbos = None, None
         old_logp, ref_logp = [None] * p.updates_per_batch, [None] * p.updates_per_batch
         token_logprobs = functools.partial(old_policy_token_logprobs, batch=batch, seed=mask_seed,
@@ -460,7 +431,8 @@ class Trainer:
 
         losses = supervised_warmup(self.model, self.parameters, c.sft, encode=encode, examples=self.train_examples,
                                    seed=derive_seed(c.seed, -2), context=self.context, device=self.device,
-                                   progress=c.log.progress, should_stop=self._stop_signal)
+                                   progress=c.log.progress, should_stop=self._stop_signal,
+                                   pack_sequences=self.pack_sequences)
         if len(losses) < c.sft.steps:  # stopped by a signal: nothing of a partial warm-up is kept
             return
         self.warmed_up = True
@@ -535,19 +507,3 @@ class Trainer:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _schedule(kind: str, warmup: int, total: int):
-    """LR multiplier for optimizer update u: linear warm-up, then constant, linear or cosine decay to 0."""
-
-    def multiplier(update: int) -> float:
-        if update < warmup:
-            return (update + 1) / warmup
-        progress = min(1.0, (update - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return multiplier
