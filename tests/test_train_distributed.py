@@ -54,7 +54,9 @@ def test_two_ranks_match_one_process(tmp_path, strategy, extra, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert train_main([*overrides, f"output_dir={tmp_path / 'one'}"]) == 0
     for name, grad in _gradients(tmp_path / "one").items():
-        torch.testing.assert_close(_gradients(tmp_path / "two")[name], grad, rtol=1e-5, atol=1e-9, msg=name)
+        # Ranks pack and sum their rows in another order than one process: fp32 rounding, relative to the scale.
+        torch.testing.assert_close(_gradients(tmp_path / "two")[name], grad, rtol=1e-5,
+                                   atol=1e-5 * float(grad.abs().max()) + 1e-12, msg=name)
     # Adam divides by sqrt(v): float noise in a ~0 gradient moves a weight by a fraction of lr.
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert one.keys() == two.keys()
