@@ -4,7 +4,7 @@
 # the same sources must build with CMake, and then the whole test suite runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MAX_JOBS=${MAX_JOBS:-2} BGPO_WERROR=1 BGPO_REQUIRE_EXTENSION=1
+export MAX_JOBS=${MAX_JOBS:-2} BGPO_WERROR=1 BGPO_REQUIRE_EXTENSION=1 BGPO_REQUIRE_SANDBOX=1
 if command -v nvcc >/dev/null 2>&1; then
   # A toolkit is present: the CUDA kernels must build and register (no GPU needed).
   export BGPO_FORCE_CUDA_BUILD=1 BGPO_REQUIRE_CUDA_EXTENSION=1

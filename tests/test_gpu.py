@@ -14,6 +14,8 @@ machine with a GPU (``scripts/gpu_check.sh`` runs them so).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -97,6 +99,13 @@ def llada_cases():
             cache[softcap, bias] = leaves, rest, ref_lowp, ref32
         return cache[softcap, bias]
     return get
+
+
+def test_the_gpu_backends_are_there():
+    # Without this a failed Triton import or extension build would drop their tests silently.
+    assert "triton" in available_backends("fused_elbo_loss", GPU)
+    if os.environ.get("BGPO_SKIP_EXTENSION") != "1":
+        assert "cuda" in available_backends("fused_elbo_loss", GPU)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -23,6 +23,8 @@ from bgpo.rewards._harness import ProtocolError, decode, encode, strict_equal
 from bgpo.rewards.sandbox import Limits, require_sandbox, run_program, sandbox_problem
 
 PROBLEM = sandbox_problem()
+if PROBLEM is not None and os.environ.get("BGPO_REQUIRE_SANDBOX") == "1":  # CI: the attack suite must run
+    raise pytest.UsageError(f"BGPO_REQUIRE_SANDBOX=1 but no working code sandbox here: {PROBLEM}")
 needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=f"no working code sandbox here: {PROBLEM}")
 
 TESTS = ("assert add(1, 2) == 3\nassert add(-4, 9) == 5\nassert add(10, 0) == 10\n"
@@ -201,7 +203,7 @@ def outcomes():
 
 
 def test_there_are_enough_attacks():
-    assert len(ATTACKS) >= 25
+    assert len(ATTACKS) == 47  # README: 47 here + 2 tests of their own
 
 
 @needs_sandbox

@@ -131,13 +131,14 @@ def test_cli_config_error_names_the_key(capsys, tmp_path):
 
 
 def test_config_constants_match_the_library():
-    from bgpo import backends, objectives
+    from bgpo import backends, objectives, policy_update
     from bgpo.ops import random_mask
     from bgpo.rewards import REWARDS
     from bgpo.train import config
 
     assert config.MAX_SAMPLES == random_mask.MAX_SAMPLES and config.SPG_NEGATIVE == objectives.SPG_NEGATIVE
     assert set(config.REWARD_TASKS) == set(REWARDS)
+    assert config.LINEAR_OBJECTIVES == policy_update.LINEAR_OBJECTIVES
     with pytest.raises(ValueError, match="backend: expected one of"):
         backends.resolve_backend("fused_elbo_loss", "nope", torch.device("cpu"))
     for name in config.BACKENDS[1:]:  # each name is one resolve_backend knows (available here or not)

@@ -153,8 +153,8 @@ def _choose(confidence: torch.Tensor, count: int | None, threshold: float | None
     """(B, L) bool, the positions unmasked this step; non-candidates have confidence -inf.
     ``threshold`` None: the ``count`` most confident.  Else every candidate above the threshold,
     and the most confident one of each row that has a candidate (at least one per step)."""
-    chosen = torch.zeros_like(confidence, dtype=torch.bool)
     if threshold is None:
+        chosen = torch.zeros_like(confidence, dtype=torch.bool)
         return chosen.scatter_(1, confidence.topk(count, dim=-1).indices, True)
     candidate = confidence > float("-inf")
     chosen = candidate & (confidence > threshold)
@@ -319,11 +319,12 @@ def generate(
             if pending is not None:
                 pending &= ~chosen
             per_row = chosen.sum(dim=-1)
-            parallel += int(per_row[per_row > 1].sum())
+            parallel = parallel + per_row[per_row > 1].sum()  # on the device: read once, at the end
             if order is not None:
                 order[:, start - prompt_length : hi - prompt_length].masked_fill_(chosen, step)
             step += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
-    return GenerationOutput(x, order, forwards, batch * gen_length / seconds, parallel / (batch * gen_length))
+    return GenerationOutput(x, order, forwards, batch * gen_length / seconds,
+                            int(parallel) / (batch * gen_length))

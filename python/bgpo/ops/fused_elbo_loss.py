@@ -471,7 +471,7 @@ def fused_elbo(
 def _packed_elbo(hidden, weight, targets, masked, elbo_weight, cu_seqlens, **options) -> torch.Tensor:
     """ℓ (S,) of S packed sequences with no backend of its own: the T packed rows are run as T "sequences"
     of one row each, row r weighted by its sequence's w, and the (T,) per-row terms w_s · logp_r are
-    summed per sequence (index_add, differentiable).  ℓ_s = Σ_{r in s} w_s logp_r is the padded op's
+    summed per sequence (deterministically, differentiable).  ℓ_s = Σ_{r in s} w_s logp_r is the padded op's
     w_s Σ_{r in s} logp_r, and the backward hands each row the coefficient gℓ_s · w_s as before, so every
     backend and the memory simulator work unchanged."""
     check_tensor("hidden", hidden, dims=2, floating=True)
@@ -487,7 +487,10 @@ def _packed_elbo(hidden, weight, targets, masked, elbo_weight, cu_seqlens, **opt
     sequence = segment_ids(cu_seqlens, T)
     rows = fused_elbo(hidden.unsqueeze(1), weight, targets.unsqueeze(1), masked.unsqueeze(1), elbo_weight[sequence],
                       **options)
-    return rows.new_zeros(S).index_add(0, sequence, rows)
+    # Per-sequence sums as differences of one running sum, not index_add (atomics on CUDA: not
+    # deterministic).  In float64, so the difference of two large partial sums loses nothing of fp32.
+    running = F.pad(rows.double().cumsum(0), (1, 0))
+    return (running[cu_seqlens[1:]] - running[cu_seqlens[:-1]]).float()
 
 
 def fused_elbo_loss(

@@ -33,6 +33,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")  # = those bgpo.backends.r
 MAX_SAMPLES = 2**15  # = bgpo.ops.random_mask.MAX_SAMPLES: the Philox counter holds the sample index in 15 bits
 MAX_SEED = 2**63 - 1
 SPG_NEGATIVE = ("eubo", "mixture", "elbo")  # = bgpo.objectives.SPG_NEGATIVE (tested)
+LINEAR_OBJECTIVES = ("bgpo", "wd1")  # = bgpo.policy_update.LINEAR_OBJECTIVES (tested)
 
 
 def _opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None):
@@ -217,7 +218,7 @@ class TrainConfig:
         _require(p.memory_budget_gib is None or (not self.model.hf and self.data.max_prompt_length is not None),
                  "policy.memory_budget_gib", "plans bgpo's LLaDA models (not model.hf) and needs "
                  "data.max_prompt_length (the longest prompt the plan must hold)")
-        _require(p.samples_per_forward == 1 or p.objective in ("bgpo", "wd1"), "policy.samples_per_forward",
+        _require(p.samples_per_forward == 1 or p.objective in LINEAR_OBJECTIVES, "policy.samples_per_forward",
                  f"objective {p.objective!r} is not linear in the MC samples; use 1 (only bgpo and wd1 share a "
                  "forward between samples)")
         _require(p.objective != "wd1" or not p.micro_batch_size or p.micro_batch_size % r.group_size == 0,
