@@ -7,11 +7,16 @@ pass a confidence threshold; ``--head-scale`` multiplies the LM head so that the
 over (0, 1) as a trained model's do.  It changes no cost, only how many forwards the threshold saves
 (printed next to each throughput: forwards per answer).
 
+With ``--hf`` part 1 drives a transformers Llama of the same shape (made bidirectional) through
+``HFMaskedDiffusionAdapter`` instead, whose only cache is ``"prefix"`` (the model's own cache, cut back to
+the prefix; see ``bgpo.models.adapter_cache``): ``--hf --samplers exact prefix "prefix + threshold"``.
+
 Part 2, quality: the tiny-sudoku preset's supervised warm-up (the CPU demo's, ``sft.steps`` 200), then
 its held-out reward, greedy, with low-confidence remasking (the threshold compares those
 confidences), for every sampler.
 
     nice python benchmarks/rollout.py            # both parts, a few minutes on a CPU
+    nice python benchmarks/rollout.py --hf --samplers exact prefix "prefix + threshold" --sudoku-warmup-steps 0
 
 Writes a table to stdout and JSON (``--out``, default benchmarks/results/).
 """
@@ -44,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--samplers", nargs="+", default=["exact", "dual", "dual + threshold"],
                    help="part 1's samplers (the first is the baseline); part 2 runs all of them")
     p.add_argument("--head-scale", type=float, default=30.0)
+    p.add_argument("--hf", action="store_true",
+                   help="part 1 on a transformers Llama of the preset's shape through HFMaskedDiffusionAdapter")
     p.add_argument("--sudoku-warmup-steps", type=int, default=200, help="0 skips part 2")
     p.add_argument("--sudoku-eval-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -55,15 +62,34 @@ def parse_args(argv=None):
 
 def _samplers(threshold: float) -> dict:
     return {**SAMPLERS, "dual + threshold": dict(cache="dual", threshold=threshold),
-            "threshold": dict(threshold=threshold)}
+            "prefix + threshold": dict(cache="prefix", threshold=threshold), "threshold": dict(threshold=threshold)}
+
+
+def _hf_model(config: LLaDAConfig):
+    """A transformers Llama of ``config``'s shape, bidirectional (no causal mask), in the adapter."""
+    import transformers
+
+    from bgpo.models import HFMaskedDiffusionAdapter
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.padded_vocab_size, hidden_size=config.d_model, intermediate_size=config.mlp_hidden_size,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.num_kv_heads, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_sequence_length, tie_word_embeddings=False))
+    llama.config.is_causal = False
+    for module in llama.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return HFMaskedDiffusionAdapter(llama, mask_token_id=config.mask_token_id, eos_token_id=config.eos_token_id)
 
 
 @torch.no_grad()
 def throughput(args) -> list[dict]:
     torch.manual_seed(args.seed)
-    model = LLaDAModelLM(LLaDAConfig.preset(args.preset)).eval()
+    config = LLaDAConfig.preset(args.preset)
+    model = (_hf_model(config) if args.hf else LLaDAModelLM(config)).eval()
     model.lm_head_weight.mul_(args.head_scale)
-    prompt = torch.randint(0, model.config.vocab_size - 2, (args.batch, args.prompt_length))
+    prompt = torch.randint(0, config.vocab_size - 2, (args.batch, args.prompt_length))
     kwargs = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
     generate(model, prompt[:, :8], gen_length=args.block_length, block_length=args.block_length, steps=2)  # warm-up
     rows, samplers = [], _samplers(args.threshold)
@@ -118,7 +144,7 @@ def main(argv=None):
 
 
 def report(args, speed: list[dict], quality: list[dict]) -> None:
-    print(f"\n{args.preset} preset, batch {args.batch}, prompt {args.prompt_length}, answer {args.gen_length}, "
+    print(f"\n{args.preset} preset{' (transformers Llama, HFMaskedDiffusionAdapter)' if args.hf else ''}, batch {args.batch}, prompt {args.prompt_length}, answer {args.gen_length}, "
           f"block {args.block_length}, {args.steps} steps, greedy, LM head x{args.head_scale}")
     print(f"{'sampler':>17} {'tokens/s':>9} {'speedup':>8} {'CPU s':>7} {'CPU speedup':>12} {'fwd/answer':>11} "
           f"{'parallel':>9} {'=baseline':>10}")
@@ -133,7 +159,7 @@ def report(args, speed: list[dict], quality: list[dict]) -> None:
             print(f"{r['sampler']:>17} {r['reward']:.4f}  (difference to exact {r['reward'] - quality[0]['reward']:+.4f})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"rollout_cpu_{args.preset}.json"
+    path = out / f"rollout_cpu_{args.preset}{'_hf' if args.hf else ''}.json"
     path.write_text(json.dumps({"config": vars(args), "throughput": speed, "sudoku": quality}, indent=2))
     print(f"\nwrote {path}")
 

@@ -23,7 +23,9 @@ def available(device: torch.device) -> str | None:
     """None if the Triton kernels can run on ``device``, else the reason they cannot."""
     device = torch.device(device)
     if device.type == "cuda":
-        return _cuda_reason(device)
+        from bgpo.backends import cuda_capability_reason
+
+        return cuda_capability_reason(device, "Triton")
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             if _compiled_for_gpu():
@@ -37,22 +39,6 @@ def available(device: torch.device) -> str | None:
             "in the environment before triton is imported (Triton's interpreter, slow: for tests)"
         )
     return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
-
-
-def _cuda_reason(device: torch.device) -> str | None:
-    """The kernels feed bf16 operands to ``tl.dot``, which needs sm_80+ (Ampere): refuse older GPUs.
-
-    Without a visible CUDA device no CUDA tensor can exist but fake ones (``bgpo.memory``'s simulator of a
-    GPU run, ``torch.compile`` tracing): those are accepted, as the backend ``"auto"`` would pick on a GPU.
-    """
-    if not torch.cuda.is_available():
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return (f"the Triton kernels need compute capability 8.0 or newer (bf16 tl.dot), "
-                f"cuda:{index} has {major}.{minor}")
-    return None
 
 
 def _compiled_for_gpu() -> bool:

@@ -97,6 +97,20 @@ def test_rollout_benchmark_cache_and_threshold_save_forwards(tmp_path):
     rows = {r["sampler"]: r for r in speed}
     assert rows["exact"]["forwards_per_answer"] == rows["dual"]["forwards_per_answer"] == 16
     assert rows["dual + threshold"]["forwards_per_answer"] < 16 and rows["dual + threshold"]["parallel_fraction"] > 0
-    assert [r["sampler"] for r in quality] == ["exact", "dual", "prefix", "dual + threshold", "threshold"]
+    assert [r["sampler"] for r in quality] == ["exact", "dual", "prefix", "dual + threshold", "prefix + threshold",
+                                               "threshold"]
     assert all(0 <= r["reward"] <= 1 for r in quality)
     assert json.loads((tmp_path / "rollout_cpu_tiny.json").read_text())["throughput"]
+
+
+def test_rollout_benchmark_hugging_face_prefix_cache(tmp_path):
+    pytest.importorskip("transformers")
+    speed, quality = _load("rollout").main([
+        "--hf", "--preset", "tiny", "--prompt-length", "16", "--gen-length", "16", "--block-length", "8",
+        "--steps", "16", "--samplers", "exact", "prefix", "prefix + threshold", "--threshold", "0.1",
+        "--sudoku-warmup-steps", "0",
+        "--out", str(tmp_path)])
+    rows = {r["sampler"]: r for r in speed}
+    assert rows["exact"]["forwards_per_answer"] == rows["prefix"]["forwards_per_answer"] == 16 and not quality
+    assert rows["prefix + threshold"]["forwards_per_answer"] < 16
+    assert json.loads((tmp_path / "rollout_cpu_tiny_hf.json").read_text())["config"]["hf"]

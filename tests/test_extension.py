@@ -18,7 +18,8 @@ from bgpo import philox
 from bgpo.memory import track_peak_memory
 from bgpo.backends import registered_backend, registered_backends, resolve_backend
 from bgpo.ops import _cpp
-from bgpo.ops.fused_elbo_loss import _torch_backward, _torch_forward
+from bgpo.ops._fused_elbo_loss_torch import backward as torch_backward
+from bgpo.ops._fused_elbo_loss_torch import forward as torch_forward
 from bgpo.ops.random_mask import random_mask_torch
 from conftest import measure_real_and_fake
 
@@ -239,13 +240,13 @@ def _tol(dtype):
 @pytest.mark.parametrize("chunk_size", [0, 1, 4])
 def test_cpp_fused_op_matches_torch_backend(dtype, bias, softcap, chunk_size):
     hidden, weight, b, targets, masked, w, grad = _elbo_case(dtype, bias)
-    ref_elbo, ref_lse = _torch_forward(hidden, weight, b, targets, masked, w, softcap, chunk_size)
+    ref_elbo, ref_lse = torch_forward(hidden, weight, b, targets, masked, w, softcap, chunk_size)
     elbo, lse = ops.fused_elbo_loss_fwd(hidden, weight, b, targets, masked, w, softcap, chunk_size)
     assert elbo.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == masked.shape
     torch.testing.assert_close(elbo, ref_elbo, **_tol(dtype))
     torch.testing.assert_close(lse, ref_lse, **_tol(dtype))
     assert torch.all(lse[~masked] == 0)
-    ref = _torch_backward(grad, hidden, weight, b, targets, masked, w, ref_lse, softcap, chunk_size, True, True, bias)
+    ref = torch_backward(grad, hidden, weight, b, targets, masked, w, ref_lse, softcap, chunk_size, True, True, bias)
     out = ops.fused_elbo_loss_bwd(grad, hidden, weight, b, targets, masked, w, lse, softcap, chunk_size,
                                   True, True, bias)
     for name, r, o in zip(("grad_hidden", "grad_weight", "grad_bias"), ref, out):
@@ -360,8 +361,8 @@ def test_cpp_backward_over_several_vocabulary_tiles(dtype, chunk_size):
     hidden, weight, b, targets, masked, w, grad = _elbo_case(dtype, True, B=2, L=20, H=512, V=1100, seed=4)
     targets[:, ::3] = torch.randint(1024, 1100, (2, 7))  # in the partial tile
     for softcap in (None, 4.0):
-        _, lse = _torch_forward(hidden, weight, b, targets, masked, w, softcap, 0)
-        ref = _torch_backward(grad, hidden, weight, b, targets, masked, w, lse, softcap, 0, True, True, True)
+        _, lse = torch_forward(hidden, weight, b, targets, masked, w, softcap, 0)
+        ref = torch_backward(grad, hidden, weight, b, targets, masked, w, lse, softcap, 0, True, True, True)
         out = ops.fused_elbo_loss_bwd(grad, hidden, weight, b, targets, masked, w, lse, softcap, chunk_size,
                                       True, True, True)
         for name, r, o in zip(("grad_hidden", "grad_weight", "grad_bias"), ref, out):

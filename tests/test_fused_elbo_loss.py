@@ -85,13 +85,13 @@ def test_low_precision_error_within_a_small_multiple_of_the_reference(backend, d
 def test_torch_backend_vocabulary_tiles(monkeypatch, dtype):
     """A budget small enough that V = 1031 splits into 512-column tiles (the last one ragged) and the
     masked rows into blocks: the online logsumexp and the per-tile gradients stitch back exactly."""
-    from bgpo.ops import fused_elbo_loss as op
+    from bgpo.ops import _fused_elbo_loss_torch as torch_backend
 
-    monkeypatch.setattr(op, "DEFAULT_CHUNK_ELEMENTS", 1024)
-    assert op._tiles(15, V, H, 0) == (2, 512)
+    monkeypatch.setattr(torch_backend, "DEFAULT_CHUNK_ELEMENTS", 1024)
+    assert torch_backend._tiles(15, V, H, 0) == (2, 512)
     leaves, rest = _problem(dtype, True, True)
     out = _run(bgpo.fused_elbo_loss, leaves, rest, backend="torch", softcap=3.0)
-    monkeypatch.setattr(op, "DEFAULT_CHUNK_ELEMENTS", 2**21)
+    monkeypatch.setattr(torch_backend, "DEFAULT_CHUNK_ELEMENTS", 2**21)
     untiled = _run(bgpo.fused_elbo_loss, leaves, rest, backend="torch", softcap=3.0)
     for name, a, b in zip(NAMES, out, untiled):
         # fp32 sums in another order: bf16 gradients may differ in their last bit (one ulp, eps relative)
@@ -274,7 +274,7 @@ def test_torch_backend_syncs_once_per_pass():
     forward and once in backward; no per-tile sync (it used to index each tile's target rows by nonzero)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bgpo.ops import fused_elbo_loss as op
+    from bgpo.ops import _fused_elbo_loss_torch as torch_backend
 
     class Count(TorchDispatchMode):
         calls = 0
@@ -286,10 +286,10 @@ def test_torch_backend_syncs_once_per_pass():
     (hidden, weight, bias), (targets, masked, elbo_weight, _, _) = _problem(torch.float32, True, False)
     args = (hidden.detach(), weight.detach(), bias.detach(), targets, masked, elbo_weight)
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(op, "DEFAULT_CHUNK_ELEMENTS", 1024)  # several vocabulary tiles and row blocks
+        patch.setattr(torch_backend, "DEFAULT_CHUNK_ELEMENTS", 1024)  # several vocabulary tiles and row blocks
         with Count():  # the backend's own ops (the custom op would hide them from the mode)
-            _, lse = op._torch_forward(*args, None, 3)
-            op._torch_backward(torch.ones(B, device=hidden.device), *args, lse, None, 3, True, True, True)
+            _, lse = torch_backend.forward(*args, None, 3)
+            torch_backend.backward(torch.ones(B, device=hidden.device), *args, lse, None, 3, True, True, True)
     assert Count.calls == 2
 
 
@@ -306,7 +306,7 @@ def test_torch_backward_peak_within_declared_workspace(dtype):
     """V = 16384, H = 256, 32 masked rows (issue 12's measurement): one backward's peak, from the CPU
     allocator's events, less the gradients it returns, is within the declared workspace, and the whole
     peak is under 1.5x the grad W it returns (each vocabulary tile's copies are freed before the next's)."""
-    from bgpo.ops.fused_elbo_loss import _torch_workspace_bytes
+    from bgpo.ops._fused_elbo_loss_torch import workspace_bytes
 
     b, l, h, v = 1, 64, 256, 16384
     hidden = torch.randn(b, l, h).to(dtype).requires_grad_()
@@ -319,5 +319,5 @@ def test_torch_backward_peak_within_declared_workspace(dtype):
         out.loss.backward()
     grad_w = weight.numel() * weight.element_size()
     returned = grad_w + hidden.numel() * hidden.element_size()
-    assert mem.peak_bytes - returned <= _torch_workspace_bytes("backward", hidden, weight, 0, True)
+    assert mem.peak_bytes - returned <= workspace_bytes("backward", hidden, weight, 0, True)
     assert mem.peak_bytes <= 1.5 * grad_w

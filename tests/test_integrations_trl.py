@@ -54,6 +54,20 @@ def test_threshold_sampler_and_its_metrics_are_logged(tmp_path):
     assert all(entry["rollout/parallel_fraction"] == 1.0 and entry["rollout/tokens_per_s"] > 0 for entry in logs)
 
 
+def test_prefix_cache_sampler_runs_the_suffix_only(tmp_path):
+    trainer = trl_tiny.trainer(tmp_path, sampler_cache="prefix", sampler_threshold=0.5)
+    lengths = []
+    embed = trainer.policy.model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    trainer.train()
+    handle.remove()
+    assert trainer.policy._cache_verified  # the model's cache reproduced its full forward once
+    sequence = max(lengths)  # prompt + 8 response tokens: the refresh forwards
+    assert any(n < sequence for n in lengths)  # cached steps ran from the block to the end only
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(1 <= entry["rollout/forwards_per_answer"] <= 8 for entry in logs)
+
+
 def _update_peak(tmp_path, objective, num_mc_samples):
     """Peak memory (bytes) of a training step that only updates: the rollout happened in the step before."""
     trainer = trl_tiny.trainer(tmp_path, trl_tiny.model(hidden=64), objective=objective, num_mc_samples=num_mc_samples,
@@ -156,7 +170,7 @@ def test_ddp_and_deepspeed_zero2_and_zero3_over_two_processes_agree(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("objective", "ppo"), ("num_mc_samples", 0), ("mask_scheme", "uniform"), ("block_length", 3),
     ("diffusion_steps", 3), ("beta", -0.1), ("remasking", "entropy"), ("sampler_threshold", 1.5),
-    ("sampler_threshold", True),
+    ("sampler_threshold", True), ("sampler_cache", "dual"), ("sampler_cache", "full"),
 ])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     options = dict(output_dir=str(tmp_path), max_completion_length=8, block_length=4, diffusion_steps=4,

@@ -11,6 +11,8 @@ token is unmasked.  The first step of every block is exact (it is a full forward
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -156,14 +158,12 @@ def test_invalid_accelerated_arguments_are_named(kwargs, message):
 
 
 def test_models_without_cache_support_get_a_clear_error():
-    transformers = pytest.importorskip("transformers")
-    from bgpo.models import HFMaskedDiffusionAdapter
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=64)
-    model = HFMaskedDiffusionAdapter(transformers.LlamaForCausalLM(config), mask_token_id=63)
-    with pytest.raises(ValueError, match="cache: HFMaskedDiffusionAdapter cannot run"):
-        generate(model, torch.zeros(1, 2, dtype=torch.long), gen_length=4, block_length=4, steps=4, cache="dual")
+    llada = _llada()  # the protocol's required part only: no kv_cache_modes, no new_kv_cache
+    model = types.SimpleNamespace(hidden_states=llada.hidden_states, lm_head_weight=llada.lm_head_weight,
+                                  lm_head_bias=None, mask_token_id=llada.mask_token_id, eos_token_id=None)
+    with pytest.raises(ValueError, match="cache: SimpleNamespace offers no KV cache, not 'prefix'"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), gen_length=4, block_length=4, steps=4, cache="prefix")
+    assert generate(model, torch.zeros(1, 2, dtype=torch.long), gen_length=4, block_length=4, steps=4).forwards == 4
 
 
 def test_model_cache_arguments_are_checked():
@@ -196,8 +196,10 @@ def test_rollout_config_cache_and_threshold_are_checked(override, message):
         load_config(None, ["model.tokenizer=char", override])
     with pytest.raises(ValueError, match="rollout.threshold: compares low_confidence"):
         load_config(None, ["model.tokenizer=char", "rollout.threshold=0.9", "rollout.remasking=random"])
-    with pytest.raises(ValueError, match="rollout.cache: needs bgpo's LLaDAModelLM"):
+    with pytest.raises(ValueError, match="rollout.cache: 'dual' needs bgpo's LLaDAModelLM; model.hf"):
         load_config(None, ["model.tokenizer=char", "rollout.cache=dual", "model.hf=true", "model.path=x"])
+    assert load_config(None, ["model.tokenizer=char", "rollout.cache=prefix", "model.hf=true",
+                              "model.path=x"]).rollout.cache == "prefix"
 
 
 def test_trainer_samples_with_cache_and_threshold_and_logs_the_sampler(tmp_path):

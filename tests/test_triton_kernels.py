@@ -714,8 +714,9 @@ def test_autotune_configs_fit_the_gpus(monkeypatch):
 def test_available_refuses_gpus_older_than_sm80(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     reason = bgpo_kernels.available(torch.device("cuda", 0))
-    assert reason is not None and "8.0" in reason and "7.5" in reason
+    assert reason is not None and "8.0" in reason and "7.5" in reason and "Triton" in reason and "T4" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert bgpo_kernels.available(torch.device("cuda", 0)) is None
 

@@ -14,13 +14,34 @@ from typing import Callable
 import torch
 
 __all__ = ["Backend", "register_backend", "resolve_backend", "registered_backend", "registered_backends",
-           "available_backends", "AUTO_ORDER"]
+           "available_backends", "AUTO_ORDER", "MIN_CUDA_CAPABILITY", "cuda_capability_reason"]
 
 # Preference of backend="auto", per device type.  "cpu" is the C++ CPU path of bgpo._C.
 AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
 }
+
+
+# The GPU backends feed bf16 operands to matrix products (tl.dot, cuBLAS bf16 GEMMs), and bgpo._C is
+# built for sm_80 and sm_90 (+ compute_90 PTX, build_ext_config.DEFAULT_ARCH_LIST): nothing older runs them.
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def cuda_capability_reason(device: torch.device, backend: str) -> str | None:
+    """None if ``device``'s GPU is sm_80 or newer, else why ``backend`` cannot run there.
+
+    Without a visible GPU no CUDA tensor exists but fake ones (``bgpo.memory``'s simulator of a GPU run,
+    ``torch.compile``'s tracing): those are accepted, as ``backend="auto"`` would choose on a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if capability >= MIN_CUDA_CAPABILITY:
+        return None
+    major, minor = capability
+    return (f"the {backend} backend needs a GPU of compute capability 8.0 or newer (sm_80+: bf16 matrix "
+            f"products), cuda:{index} ({torch.cuda.get_device_name(index)}) has {major}.{minor} (sm_{major}{minor})")
 
 
 @dataclass(frozen=True)

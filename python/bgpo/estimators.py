@@ -91,9 +91,7 @@ def one_step_mask(
         check_tensor(name, mask, dtype=torch.bool)
         check_shape(name, mask, (B, C))
         check_device(name, mask, input_ids)
-    if isinstance(prompt_mask_prob, bool) or not isinstance(prompt_mask_prob, (int, float)) \
-            or not 0.0 <= prompt_mask_prob <= 1.0:
-        raise ValueError(f"prompt_mask_prob: expected a float in [0, 1], got {prompt_mask_prob!r}")
+    check_real("prompt_mask_prob", prompt_mask_prob, interval=(0, 1))
     check_int("iteration", iteration, low=0, high=2**15)
     check_int("mask_id", mask_id, low=0, high=torch.iinfo(input_ids.dtype).max + 1)
     check_int("seed", seed, low=-(2**63), high=2**63)

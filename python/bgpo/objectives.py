@@ -258,8 +258,7 @@ def diffu_grpo_loss(
         raise ValueError(f"logp: expected a (B, T) tensor of per-token log-probs, got {getattr(logp, 'shape', logp)}")
     if response_mask.shape != logp.shape:
         raise ValueError(f"response_mask: expected shape {tuple(logp.shape)}, got {tuple(response_mask.shape)}")
-    if isinstance(clip_eps, bool) or not isinstance(clip_eps, (int, float)) or not 0 < clip_eps < 1:
-        raise ValueError(f"clip_eps: expected a float in (0, 1), got {clip_eps!r}")
+    check_real("clip_eps", clip_eps, interval=(0, 1), ends="()")
     use_kl = _check_kl("ref_logp", ref_logp, beta)
     logp = logp.float()
     advantages = _check_vector("advantages", advantages, logp[:, 0]).unsqueeze(1)
@@ -295,8 +294,7 @@ def spg_loss(
     if negative not in SPG_NEGATIVE:
         raise ValueError(f"negative: expected one of {SPG_NEGATIVE}, got {negative!r}")
     check_real("beta", beta, positive=True)
-    if isinstance(mix_weight, bool) or not isinstance(mix_weight, (int, float)) or not 0.0 <= mix_weight <= 1.0:
-        raise ValueError(f"mix_weight: expected a float in [0, 1], got {mix_weight!r}")
+    check_real("mix_weight", mix_weight, interval=(0, 1))
     if not isinstance(elbos, torch.Tensor) or elbos.dim() != 2:
         raise ValueError(f"elbos: expected a (n_t, B) tensor, got {getattr(elbos, 'shape', type(elbos))}")
     elbos = elbos.float()

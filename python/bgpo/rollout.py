@@ -34,7 +34,8 @@ with a re-implementation of it).
 Accelerated sampling (Fast-dLLM; approximate, opt-in):
 
 * ``cache="prefix"``: the first forward of each block runs the whole sequence and stores every layer's
-  keys and values (``bgpo.models.attention.KVCache``); the block's later steps run only the current
+  keys and values (``model.new_kv_cache()``: ``bgpo.models.attention.KVCache`` for ``LLaDAModelLM``, the
+  model's own cache cut back to the prefix for the Hugging Face adapter); the block's later steps run only the current
   block and everything after it, attending to the stored keys and values of the prompt and finished
   blocks.  ``cache="dual"`` runs only the current block, the suffix's keys and values being stored too.
   The cached keys and values are those of the sequence at the block's first step: exact for that
@@ -60,7 +61,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .models.attention import KVCache
+from .ops._checks import check_real
+
 
 __all__ = ["generate", "GenerationOutput", "transfer_schedule", "REMASKING", "CACHES"]
 
@@ -99,11 +101,6 @@ def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _check_non_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
 def _generator(seed, device: torch.device) -> torch.Generator | None:
@@ -223,7 +220,8 @@ def generate(
         group_size: G responses per prompt; rows ``b*G .. b*G + G-1`` of the output answer prompt b.
         return_order: also return the step at which each response position was unmasked.
         cache: None (exact), ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate KV cache, see
-            "Accelerated sampling" above; needs a model with ``supports_kv_cache``.
+            "Accelerated sampling" above; needs a model whose ``kv_cache_modes`` include it
+            (``LLaDAModelLM``: both; ``HFMaskedDiffusionAdapter``: ``"prefix"``).
         threshold: None (the step schedule), or unmask every position of the block whose
             confidence exceeds it, at least one per row and step (``steps`` then only validates).
 
@@ -251,20 +249,20 @@ def generate(
         raise ValueError(
             f"steps: {steps} is not a multiple of the number of blocks (gen_length/block_length = {num_blocks})"
         )
-    _check_non_negative("temperature", temperature)
-    _check_non_negative("cfg_scale", cfg_scale)
+    check_real("temperature", temperature, nonnegative=True)
+    check_real("cfg_scale", cfg_scale, nonnegative=True)
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
     if cache not in CACHES:
         raise ValueError(f"cache: expected one of {CACHES}, got {cache!r}")
-    if cache is not None and not getattr(model, "supports_kv_cache", False):
+    modes = tuple(getattr(model, "kv_cache_modes", ()))
+    if cache is not None and cache not in modes:
         raise ValueError(
-            f"cache: {type(model).__name__} cannot run on a slice of the sequence against cached keys and "
-            "values (no supports_kv_cache); use cache=None, or bgpo.models.LLaDAModelLM"
+            f"cache: {type(model).__name__} offers {'the KV caches ' + repr(modes) if modes else 'no KV cache'}, "
+            f"not {cache!r}; use one of those, cache=None, or bgpo.models.LLaDAModelLM (prefix and dual)"
         )
+    check_real("threshold", threshold, interval=(0, 1), optional=True)  # a probability
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold: expected None or a probability in [0, 1], got {threshold!r}")
         if remasking != "low_confidence":
             raise ValueError(f"threshold: compares low_confidence probabilities; remasking={remasking!r} has none")
     mask_id = model.mask_token_id if mask_id is None else mask_id
@@ -287,7 +285,7 @@ def generate(
 
     schedule = transfer_schedule(block_length, steps // num_blocks)
     exact = cache is None and threshold is None
-    kv_cache = None if cache is None else KVCache()
+    kv_cache = None if cache is None else model.new_kv_cache()
     began = time.perf_counter()
     forwards = parallel = step = 0
     for block in range(num_blocks):

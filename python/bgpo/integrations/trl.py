@@ -64,6 +64,7 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
 
 from ..models import HFMaskedDiffusionAdapter
 from ..objectives import MAX_LOG_RATIO, SPG_NEGATIVE, k3
+from ..ops._checks import check_real
 from ..policy_update import OBJECTIVES, PolicyBatch, accumulate_policy_gradient, old_policy_elbos
 from ..policy_update import old_policy_token_logprobs
 from ..rollout import generate
@@ -72,6 +73,7 @@ __all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer"]
 
 MASK_SCHEMES = ("stratified", "bernoulli")
 REMASKING = ("low_confidence", "random")
+HF_CACHES = (None, *HFMaskedDiffusionAdapter.kv_cache_modes)
 
 
 @dataclass
@@ -112,8 +114,11 @@ class DiffusionGRPOConfig(GRPOConfig):
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale of the sampler."})
     sampler_threshold: float | None = field(
         default=None, metadata={"help": "Unmask every block position whose confidence exceeds it, at least one per "
-                                        "step (None: the diffusion_steps schedule). No KV cache: the policy is a "
-                                        "Hugging Face model."}
+                                        "step (None: the diffusion_steps schedule)."}
+    )
+    sampler_cache: str | None = field(
+        default=None, metadata={"help": "Fast-dLLM's approximate KV cache for the sampler: None (exact) or 'prefix' "
+                                        "(the policy is a Hugging Face model: no dual cache)."}
     )
     mask_id: int | None = field(
         default=None, metadata={"help": "Mask token id (default: the model config's, else the tokenizer's)."}
@@ -129,12 +134,14 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(f"mask_scheme: expected one of {MASK_SCHEMES}, got {self.mask_scheme!r}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking: expected one of {REMASKING}, got {self.remasking!r}")
-        threshold = self.sampler_threshold
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not 0.0 <= threshold <= 1.0):
-            raise ValueError(f"sampler_threshold: expected None or a probability in [0, 1], got {threshold!r}")
-        if threshold is not None and self.remasking != "low_confidence":
+        check_real("sampler_threshold", self.sampler_threshold, interval=(0, 1), optional=True)  # a probability
+        if self.sampler_threshold is not None and self.remasking != "low_confidence":
             raise ValueError(f"sampler_threshold: compares low_confidence probabilities; remasking={self.remasking!r}")
+        if self.sampler_cache not in HF_CACHES:
+            raise ValueError(
+                f"sampler_cache: expected one of {HF_CACHES}, got {self.sampler_cache!r} (the dual cache needs "
+                "bgpo's LLaDAModelLM; a Hugging Face policy's own cache can hold the prefix only)"
+            )
         if self.spg_negative not in SPG_NEGATIVE:
             raise ValueError(f"spg_negative: expected one of {SPG_NEGATIVE}, got {self.spg_negative!r}")
         if self.mc_micro_batch_size is not None and self.mc_micro_batch_size < 1:
@@ -253,7 +260,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                            gen_length=self.args.max_completion_length, block_length=self.args.block_length,
                            steps=self.args.diffusion_steps, temperature=self.temperature,
                            remasking=self.args.remasking, cfg_scale=self.args.cfg_scale,
-                           threshold=self.args.sampler_threshold, seed=_mix(self._rollout_seed, 0))
+                           threshold=self.args.sampler_threshold, cache=self.args.sampler_cache,
+                           seed=_mix(self._rollout_seed, 0))
         metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["rollout/forwards_per_answer"].append(float(out.forwards))
         metrics["rollout/tokens_per_s"].append(out.tokens_per_second)

@@ -225,7 +225,11 @@ class LLaDAModelLM(nn.Module):
         return self.norm(x)
 
     #: ``bgpo.rollout.generate(cache=...)`` may pass ``kv_cache`` / ``cache_start`` to ``hidden_states``.
-    supports_kv_cache = True
+    kv_cache_modes = ("prefix", "dual")
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for one generation (``forward(..., kv_cache=)``)."""
+        return KVCache()
     #: ``hidden_states`` takes ``cu_seqlens`` / ``max_seqlen`` / ``position_ids`` (``bgpo.packing``).
     supports_packing = True
 

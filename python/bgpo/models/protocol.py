@@ -29,8 +29,9 @@ class MaskedDiffusionLM(Protocol):
 
     ``attention_mask`` is (B, T) with nonzero entries for real tokens (padding is zero).
 
-    Optional: ``supports_kv_cache = True`` when ``hidden_states`` also takes ``kv_cache`` /
-    ``cache_start`` as ``LLaDAModelLM.forward`` does (``bgpo.rollout.generate(cache=...)`` needs it).
+    Optional, for ``bgpo.rollout.generate(cache=...)``: ``kv_cache_modes``, the caches offered
+    (``("prefix", "dual")`` for ``LLaDAModelLM``, ``("prefix",)`` for the adapter), ``new_kv_cache()``, and
+    ``hidden_states`` taking ``kv_cache`` / ``cache_start`` as ``LLaDAModelLM.forward`` does.
     """
 
     mask_token_id: int

@@ -71,14 +71,24 @@ def check_all_values(*checks: tuple[str, torch.Tensor, str]) -> None:
             raise ValueError(f"{name}: expected {expected}")
 
 
-def check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:
-    """``value`` is a finite real number (not a bool, not a string), ``> 0`` or ``>= 0`` if asked."""
+def check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False,
+               interval: tuple[float, float] | None = None, ends: str = "[]", optional: bool = False) -> None:
+    """``value`` is a finite real number (not a bool, not a string): ``> 0`` or ``>= 0`` if asked, inside
+    ``interval`` if given (``ends``: which ends belong to it, ``"[]"``, ``"[)"``, ``"(]"`` or ``"()"``);
+    ``optional``: None passes too."""
+    if optional and value is None:
+        return
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if ok and ((positive and not value > 0) or (nonnegative and not value >= 0)):
         ok = False
+    if ok and interval is not None:
+        low, high = interval
+        ok = (low <= value if ends[0] == "[" else low < value) and (value <= high if ends[1] == "]" else value < high)
     if not ok:
         bound = " > 0" if positive else " >= 0" if nonnegative else ""
-        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+        if interval is not None:
+            bound += f" in {ends[0]}{interval[0]:g}, {interval[1]:g}{ends[1]}"
+        raise ValueError(f"{name}: expected {'None or ' if optional else ''}a finite number{bound}, got {value!r}")
 
 
 def check_bool(name: str, value) -> None:

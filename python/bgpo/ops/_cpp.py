@@ -15,10 +15,9 @@ from types import SimpleNamespace
 
 import torch
 
-from ..backends import Backend, register_backend
+from ..backends import Backend, cuda_capability_reason, register_backend
 
-__all__ = ["load", "available", "has_cuda_kernels", "import_error", "ExtensionNotBuiltWarning", "CPU_AUTO",
-           "MIN_CUDA_CAPABILITY"]
+__all__ = ["load", "available", "has_cuda_kernels", "import_error", "ExtensionNotBuiltWarning", "CPU_AUTO"]
 
 _LIB = "bgpo_C"
 _OPS = ("random_mask", "fused_elbo_loss_fwd", "fused_elbo_loss_bwd", "philox_randint", "philox_rand")
@@ -82,23 +81,12 @@ def _cpu_available(device: torch.device) -> str | None:
     return None
 
 
-# The CUDA kernels are compiled for sm_80 and sm_90 with compute_90 PTX (build_ext_config.DEFAULT_ARCH_LIST):
-# nothing older can run them, and their bf16 GEMMs and conversions need sm_80+.
-MIN_CUDA_CAPABILITY = (8, 0)
-
-
 def _cuda_available(device: torch.device) -> str | None:
     if not has_cuda_kernels():
         return "bgpo._C was built without CUDA (rebuild it with a CUDA toolkit; README, 'Building the extension')"
     if device.type != "cuda":
         return f'the "cuda" backend runs on CUDA tensors, got {device.type} tensors'
-    # without a GPU no CUDA tensor exists to run on; the memory simulator still resolves the backend then
-    capability = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else MIN_CUDA_CAPABILITY
-    if capability < MIN_CUDA_CAPABILITY:
-        major, minor = capability
-        return (f'the "cuda" backend needs a GPU of compute capability 8.0 or newer (sm_80+: bf16, and the '
-                f"architectures bgpo._C is built for), got sm_{major}{minor} ({torch.cuda.get_device_name(device)})")
-    return None
+    return cuda_capability_reason(device, '"cuda"')
 
 
 def _random_mask_impl(input_ids, maskable, sequence_ids, mask_id, seed, sample_index, num_samples, scheme,

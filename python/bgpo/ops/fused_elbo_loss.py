@@ -20,12 +20,9 @@ applied to the (B,) vector ℓ in plain PyTorch.  Autograd's chain rule then han
 exactly the per-row coefficient above, so any objective of ``bgpo.objectives`` (or a user's own) gets
 the fused, logit-free backward.
 
-Backends (``backend=``): ``"torch"`` here, on the masked rows only, one (row block x vocabulary tile)
-of logits at a time — an online logsumexp across tiles in forward, the logits recomputed in backward,
-where each vocabulary tile's grad W is finished in fp32 and written in the output dtype at once:
-extra memory O(tile + rows·H + tile width·H), never O(rows·V) nor an fp32 (V, H) buffer; work
-proportional to the number of masked rows.  ``"triton"``, ``"cuda"`` and ``"cpu"``
-(C++) register themselves in ``bgpo.backends`` with the same ``forward``/``backward`` contract:
+Backends (``backend=``): ``"torch"`` (``_fused_elbo_loss_torch``: pure PyTorch, one tile of logits of
+the masked rows at a time, the reference the others are tested against), ``"triton"``, ``"cuda"`` and
+``"cpu"`` (C++) register themselves in ``bgpo.backends`` with the same ``forward``/``backward`` contract:
 
     forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
         -> (elbo (B,) fp32, lse (B, L) fp32: logsumexp of masked rows, 0 elsewhere)
@@ -37,218 +34,25 @@ Gradients come back in the dtype of their input; low-precision inputs are accumu
 """
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import objectives
-from ..backends import Backend, register_backend, registered_backend, resolve_backend
+from ..backends import registered_backend, resolve_backend
 from ..memory import register_workspace
 from ..packing import segment_ids
-from ._checks import check_all_values, check_cu_seqlens, check_device, check_int, check_shape, check_tensor
+from . import _fused_elbo_loss_torch  # noqa: F401 - registers the "torch" backend
+from ._checks import (check_all_values, check_cu_seqlens, check_device, check_int, check_real, check_shape,
+                      check_tensor)
 
-__all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES"]
 
 OBJECTIVES = ("bgpo", "elbo")
-# The torch backend's tile holds at most this many logits (1 MB in fp32), at least MIN_TILE_V columns wide.
-# Small tiles cost nothing on the CPU (measured: 2**17..2**21 within 5% at V = 126464, H = 256) and keep
-# the op's extra memory under 1% of the full-logits path's there (benchmarks/fused_elbo_loss.py).
-DEFAULT_CHUNK_ELEMENTS = 2**18
-MIN_TILE_V = 512
-
-
 class ElboLoss(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     elbo: torch.Tensor  # (B,) fp32, detached: ℓ of this sample (keep it as old_elbo for off-policy updates)
-
-
-# ----------------------------------------------------------------------------------------------
-# The torch backend
-# ----------------------------------------------------------------------------------------------
-
-
-def _tiles(num_rows: int, vocab: int, hidden_size: int, chunk_size: int) -> tuple[int, int]:
-    """(rows per block R, vocabulary columns per tile Vt) of the torch backend.
-
-    The tile width depends on H only (its weight slice Vt x H holds about DEFAULT_CHUNK_ELEMENTS, never
-    fewer than MIN_TILE_V columns), the row block fills the rest of the budget: R x Vt logits.
-    ``chunk_size`` > 0 fixes R.  The number of masked rows only decides how many row blocks there are.
-    """
-    width = min(vocab, max(MIN_TILE_V, DEFAULT_CHUNK_ELEMENTS // hidden_size))
-    rows = chunk_size if chunk_size > 0 else max(1, DEFAULT_CHUNK_ELEMENTS // width)
-    return max(1, min(rows, num_rows)), width
-
-
-def _tile_logits(h32, w32, bias, v0, v1, softcap):
-    """fp32 logits of the rows ``h32`` against the vocabulary columns [v0, v1) (``w32``: those rows of W),
-    and the soft-cap's tanh (or None).
-
-    The operands are fp32 copies of bf16/fp16 inputs (exact: every bf16/fp16 value is an fp32 value), so
-    the logits are the fp32-accumulated products, never rounded to the input dtype before the logsumexp:
-    ℓ agrees to fp32 accuracy with the C++ and Triton backends, which accumulate in fp32 too.  (A bf16
-    matmul would round each logit to 8 bits of mantissa: at |z| ~ 30 that is an error of ~0.1 nat per row.)
-    """
-    z = F.linear(h32, w32, None if bias is None else bias[v0:v1].float())
-    if softcap is None:
-        return z, None
-    capped = torch.tanh(z.div_(softcap))
-    return capped * softcap, capped
-
-
-def _gather_rows(hidden, targets, masked):
-    """(flat indices into B*L of the masked positions in row-major order, their hidden rows in fp32, their
-    targets).
-
-    The op's one host synchronisation on this backend: ``nonzero`` must learn the number of masked rows N
-    to size its output (the work is proportional to N, not to B·L).
-    """
-    B, L, H = hidden.shape
-    rows = masked.reshape(-1).nonzero().squeeze(1)
-    return rows, hidden.reshape(B * L, H)[rows].float(), targets.reshape(B * L)[rows]
-
-
-def _forward_tile(h32, y, w32, bias, v0, v1, softcap, m, s, target_logit):
-    """Fold vocabulary columns [v0, v1) into the running max ``m``, sum ``s`` (logsumexp = m + log s) and
-    target logit, in place.
-
-    A function of its own so that the tile's logits are freed before the next tile's are allocated.
-    """
-    z, _ = _tile_logits(h32, w32, bias, v0, v1, softcap)
-    m_new = torch.maximum(m, z.amax(dim=1))
-    in_tile = (y >= v0) & (y < v1)
-    picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
-    target_logit.copy_(torch.where(in_tile, picked, target_logit))
-    s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1))
-    m.copy_(m_new)
-
-
-def _torch_forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size):
-    """Online logsumexp over vocabulary tiles (running max m and sum s per row), row block by row block;
-    only masked rows are computed."""
-    B, L, _ = hidden.shape
-    V = weight.shape[0]
-    rows, h32, y = _gather_rows(hidden, targets, masked)
-    N = rows.numel()
-    m = torch.full((N,), -torch.inf, dtype=torch.float32, device=hidden.device)
-    s = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    R, Vt = _tiles(N, V, h32.shape[1], chunk_size)
-    for v0 in range(0, V, Vt):
-        v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float()  # a view for fp32 inputs, an exact fp32 copy of the slice otherwise
-        for r0 in range(0, N, R):
-            r = slice(r0, r0 + R)
-            _forward_tile(h32[r], y[r], w32, bias, v0, v1, softcap, m[r], s[r], target_logit[r])
-        del w32  # freed before the next tile's copy is made: one tile's copy live at a time
-    lse_rows = m + torch.log(s)
-    lse = torch.zeros(B * L, dtype=torch.float32, device=hidden.device)
-    lse[rows] = lse_rows
-    per_sequence = torch.zeros(B, dtype=torch.float32, device=hidden.device)
-    per_sequence.index_add_(0, rows // L, target_logit - lse_rows)
-    return per_sequence * elbo_weight.float(), lse.view(B, L)
-
-
-def _backward_tile(h32, y, lse, coef, w32, bias, v0, v1, softcap, grad_h, grad_w, grad_b):
-    """Add one (row block x vocabulary tile)'s share to grad h, grad W and grad bias (those not None).
-
-    ``dz = coef * (onehot - softmax)`` is built in place in the tile's logits, freed on return.
-    """
-    z, capped = _tile_logits(h32, w32, bias, v0, v1, softcap)
-    dz = z.sub_(lse.unsqueeze(1)).exp_()
-    # softmax - onehot: -1 at the target column of the rows whose target lies in this tile, as a scatter of
-    # 0 or -1 per row (indexing by the rows' nonzero() would cost a host synchronisation per tile)
-    in_tile = (y >= v0) & (y < v1)
-    dz.scatter_add_(1, (y - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1), in_tile.to(dz.dtype).neg_().unsqueeze(1))
-    dz.mul_(-coef.unsqueeze(1))
-    if capped is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh²
-        dz.mul_(1.0 - capped.square_())
-    if grad_h is not None:
-        grad_h.addmm_(dz, w32)
-    if grad_w is not None:
-        grad_w.addmm_(dz.t(), h32)
-    if grad_b is not None:
-        grad_b += dz.sum(dim=0)
-
-
-def _torch_backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse, softcap, chunk_size,
-                    need_hidden, need_weight, need_bias):
-    """Vocabulary tiles outer, row blocks inner: grad W and grad bias of a tile are complete (in fp32) when
-    its rows are done and are written in the output dtype at once, so no (V, H) fp32 buffer exists;
-    grad h accumulates over tiles in an (N, H) fp32 buffer."""
-    B, L, H = hidden.shape
-    V = weight.shape[0]
-    rows, h32, y = _gather_rows(hidden, targets, masked)
-    N = rows.numel()
-    lse_rows = lse.reshape(B * L)[rows]
-    # ∂loss/∂logp_r = gℓ_b * w_b for the sequence b of row r.
-    coef = (grad_elbo.float() * elbo_weight.float())[rows // L]
-    grad_h = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
-    R, Vt = _tiles(N, V, H, chunk_size)
-    for v0 in range(0, V, Vt):
-        v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float()
-        grad_w_tile = torch.zeros(v1 - v0, H, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_b_tile = torch.zeros(v1 - v0, dtype=torch.float32, device=weight.device) if need_bias else None
-        for r0 in range(0, N, R):
-            r = slice(r0, r0 + R)
-            _backward_tile(h32[r], y[r], lse_rows[r], coef[r], w32, bias, v0, v1, softcap,
-                           None if grad_h is None else grad_h[r], grad_w_tile, grad_b_tile)
-        if need_weight:
-            grad_weight[v0:v1] = grad_w_tile
-        if need_bias:
-            grad_bias[v0:v1] = grad_b_tile
-        del w32, grad_w_tile, grad_b_tile  # freed before the next tile's are allocated
-    grad_hidden = hidden.new_empty(0)
-    if need_hidden:
-        # contiguous whatever hidden's layout (zeros_like would keep a transposed hidden's strides, which
-        # the flat (B*L, H) view below cannot address)
-        grad_hidden = hidden.new_zeros(B, L, H)
-        grad_hidden.view(B * L, H)[rows] = grad_h.to(hidden.dtype)
-    return grad_hidden, grad_weight, grad_bias
-
-
-def _torch_workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
-    """The bytes the torch backend holds inside one call beyond its outputs (``bgpo.memory.track_fake_memory``).
-
-    The masked-row count N is data, unknown on fake tensors: it is taken to be B·L, which makes this
-    exact when every position is masked and an upper bound otherwise.  With s the input's element size
-    and low = 1 for bf16/fp16 inputs (0 for fp32, whose "fp32 copies" are views):
-
-    * gathering the rows holds them in the input dtype and in fp32 at once: N·H·(s + 4·low);
-    * then the fp32 rows (N·H·4) stay, with per tile the fp32 weight slice (Vt·H·4·low) and an R x Vt
-      fp32 logits tile;
-    * forward adds the running max, sum and target logit (3·N·4);
-    * backward adds grad h's fp32 buffer (N·H·4), the fp32 grad-W tile (Vt·H·4, if W needs a gradient),
-      and at its end grad h in the input dtype (N·H·s) in place of the tiles.
-
-    Soft-capping adds up to two more logits tiles (2·R·Vt·4), not counted (it is not an argument here).
-    (Checked against the CPU allocator in tests/test_memory.py.)
-    """
-    B, L, H = hidden.shape
-    V = weight.shape[0]
-    N = B * L
-    R, Vt = _tiles(N, V, H, chunk_size)
-    size = hidden.element_size()
-    low = int(hidden.dtype != torch.float32)
-    gather = N * H * (size + 4 * low)
-    rows32 = N * H * 4
-    tile = Vt * H * 4 * low + R * Vt * 4
-    if phase == "forward":
-        return max(gather, rows32 + tile) + 3 * N * 4
-    grad_w_tile = Vt * H * 4 * int(bool(need_weight))
-    return max(gather, rows32 + N * H * 4 + max(tile + grad_w_tile, N * H * size))
-
-
-register_backend(
-    "fused_elbo_loss",
-    Backend("torch", SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
-                                     workspace_bytes=_torch_workspace_bytes), available=lambda d: None),
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,9 +203,7 @@ def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softc
         check_tensor("bias", bias, dtype=hidden.dtype)
         check_shape("bias", bias, (V,))
         check_device("bias", bias, hidden)
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
+    check_real("softcap", softcap, positive=True, optional=True)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, low=1)
     check_all_values(  # one host synchronisation for both
@@ -413,9 +215,7 @@ def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softc
 def _check_grad_filter(grad_filter_eps, backend_name: str) -> float:
     """``grad_filter_eps`` as a float in (0, 1), for a backend that filters (only ``"triton"`` does: the
     others would silently compute the exact gradient, so they refuse a threshold instead)."""
-    if (isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float))
-            or not 0.0 < grad_filter_eps < 1.0):
-        raise ValueError(f"grad_filter_eps: expected None or a number in (0, 1), got {grad_filter_eps!r}")
+    check_real("grad_filter_eps", grad_filter_eps, interval=(0, 1), ends="()")
     if backend_name != "triton":
         raise ValueError(f"grad_filter_eps: gradient filtering is implemented by the 'triton' backend only, "
                          f"the backend here is {backend_name!r}; pass grad_filter_eps=None for the exact gradient")

@@ -36,7 +36,7 @@ import torch
 
 from .. import philox
 from ..backends import Backend, register_backend, resolve_backend
-from ._checks import check_bool, check_device, check_int, check_shape, check_tensor, check_values
+from ._checks import check_bool, check_device, check_int, check_real, check_shape, check_tensor, check_values
 
 __all__ = ["random_mask", "MaskedSample", "random_mask_torch", "SCHEMES"]
 
@@ -220,8 +220,7 @@ def random_mask(
         check_int("sample_index", index, low=0, high=num_samples)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
-        raise ValueError(f"t_min: expected a float in [0, 1), got {t_min!r}")
+    check_real("t_min", t_min, interval=(0, 1), ends="[)")
     check_bool("stratify_t", stratify_t)
     check_bool("length_normalize", length_normalize)
     if sequence_ids is None:

@@ -68,8 +68,8 @@ def extract_equation(completion: str) -> str:
     boxed = last_boxed(text, allow_unclosed=True)
     if boxed is not None:
         text = boxed
-    for spelling, operator in _SPELLINGS.items():
-        text = text.replace(spelling, operator)
+    for spelling, symbol in _SPELLINGS.items():
+        text = text.replace(spelling, symbol)
     while (unfracked := _FRAC.sub(r"((\1)/(\2))", text)) != text:  # innermost first: the groups hold no braces
         text = unfracked
     return text.replace("{", "(").replace("}", ")").split("=")[0]

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from ..ops._checks import check_real
 from .base import RewardOutput, answer_span, last_boxed
 
 __all__ = ["math_reward", "final_answer", "answer_candidates", "DEFAULT_TIMEOUT"]
@@ -124,8 +125,7 @@ _IDLE: queue.SimpleQueue = queue.SimpleQueue()  # idle workers (thread-safe): a 
 
 
 def math_reward(completion: str, example: Mapping, *, timeout: float = DEFAULT_TIMEOUT) -> RewardOutput:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ValueError(f"timeout: expected a finite number of seconds > 0, got {timeout!r}")
+    check_real("timeout", timeout, positive=True)  # seconds
     if "answer" not in example:
         raise ValueError("example['answer']: missing (the reference solution or answer)")
     reference = str(example["answer"])

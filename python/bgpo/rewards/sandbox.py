@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ops._checks import check_int, check_real
 from .base import RewardOutput
 
 __all__ = ["Limits", "SandboxUnavailable", "run_program", "sandbox_problem", "require_sandbox", "INSTALL_HINT"]
@@ -69,12 +70,9 @@ class Limits:
     open_files: int = 64
 
     def __post_init__(self):
-        if isinstance(self.time, bool) or not (isinstance(self.time, (int, float)) and 0 < self.time < float("inf")):
-            raise ValueError(f"time_limit: expected a finite number of seconds > 0, got {self.time!r}")
+        check_real("time_limit", self.time, positive=True)  # seconds
         for name in ("memory", "file_size", "disk", "processes", "open_files"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), low=1)
 
     def rlimits(self, sandboxed: bool = True) -> dict[str, int]:
         """The judge's setrlimit calls.  Unsandboxed, the process limit would count every process of the
