@@ -85,12 +85,7 @@ def register() -> None:
         "random_mask",
         Backend("triton", _LazyFunction(".random_mask", "random_mask_forward"), available=available),
     )
-    register_backend(
-        "fused_elbo_loss",
-        Backend(
-            "triton",
-            _LazyOp(".fused_elbo_loss", forward="fused_elbo_loss_forward", backward="fused_elbo_loss_backward",
-                    workspace_bytes="workspace_bytes"),
-            available=available,
-        ),
-    )
+    elbo = _LazyOp(".fused_elbo_loss", forward="fused_elbo_loss_forward", backward="fused_elbo_loss_backward",
+                   workspace_bytes="workspace_bytes")
+    elbo.weight_dtype_free = True  # W may have another dtype than hidden: rounded per tile (autocast)
+    register_backend("fused_elbo_loss", Backend("triton", elbo, available=available))

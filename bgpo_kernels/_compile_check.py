@@ -34,6 +34,7 @@ from . import random_mask as rm  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# "bf16+w32": bf16 rows against an fp32 W, rounded per tile (autocast with an fp32 LM head: ROUND_W)
 ALIGNED_INTS = {"H", "V", "V_SPLIT", "stride_w", "stride_dz", "C", "stride_ids", "stride_maskable",
                 "stride_noisy", "stride_masked"}
 ELBO_KERNELS = ("fwd", "dz", "grad_w", "grad_h")
@@ -76,28 +77,31 @@ def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: 
 
 def _elbo_cases(kernel: str, dtype: str):
     """(kernel, argument types, constexpr flags, config table) of one kernel of the fused ELBO op."""
-    ptr = DTYPE[dtype]
+    compute, _, weight = dtype.partition("+")
+    ptr = DTYPE[compute]
+    wptr = "*fp32" if weight == "w32" else ptr
     precision = "ieee" if dtype == "fp32" else "tf32"
+    rounding = dict(ROUND_W=wptr != ptr, BF16_BITS=False)
     logit_flags = dict(DOT_PRECISION=precision, GROUP_N=8, HAS_BIAS=True, HAS_SOFTCAP=True, EVEN_V=False,
-                       EVEN_H=True, UPCAST=False)
+                       EVEN_H=True, UPCAST=False, **rounding)
     if kernel == "fwd":
-        types = dict(h_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, y_ptr="*i64", max_ptr="*fp32", sum_ptr="*fp32",
+        types = dict(h_ptr=ptr, weight_ptr=wptr, bias_ptr=ptr, y_ptr="*i64", max_ptr="*fp32", sum_ptr="*fp32",
                      target_logit_ptr="*fp32", N="i32", H="i32", V="i32", V_SPLIT="i32", S="i32", stride_w="i32",
                      softcap="fp32", N_BUCKET="i32")
         return fel._fwd_kernel, types, logit_flags, _configs.FWD
     if kernel == "dz":
-        types = dict(h_ptr=ptr, weight_ptr=ptr, bias_ptr=ptr, y_ptr="*i64", lse_ptr="*fp32", coef_ptr="*fp32",
+        types = dict(h_ptr=ptr, weight_ptr=wptr, bias_ptr=ptr, y_ptr="*i64", lse_ptr="*fp32", coef_ptr="*fp32",
                      dz_ptr=ptr, skip_ptr="*i8", N="i32", H="i32", V="i32", v0="i32", VC="i32", stride_w="i32",
                      stride_dz="i32", stride_skip="i32", softcap="fp32", filter_eps="fp32", N_BUCKET="i32")
         return fel._dz_kernel, types, dict(logit_flags, FILTER=True), _configs.DZ
     if kernel == "grad_w":
-        types = dict(h_ptr=ptr, dz_ptr=ptr, grad_w_ptr=ptr, grad_b_ptr=ptr, skip_ptr="*i8", N="i32", H="i32", V="i32",
+        types = dict(h_ptr=ptr, dz_ptr=ptr, grad_w_ptr=wptr, grad_b_ptr=ptr, skip_ptr="*i8", N="i32", H="i32", V="i32",
                      v0="i32", VC="i32", stride_dz="i32", stride_skip="i32", N_BUCKET="i32")
         flags = dict(NEED_WEIGHT=True, NEED_BIAS=True, DOT_PRECISION=precision, GROUP_V=8, UPCAST=False, FILTER=True)
         return fel._grad_w_kernel, types, flags, _configs.GRAD_W
-    types = dict(dz_ptr=ptr, weight_ptr=ptr, grad_h_ptr="*fp32", skip_ptr="*i8", N="i32", H="i32", V="i32", v0="i32",
+    types = dict(dz_ptr=ptr, weight_ptr=wptr, grad_h_ptr="*fp32", skip_ptr="*i8", N="i32", H="i32", V="i32", v0="i32",
                  VC="i32", stride_dz="i32", stride_w="i32", stride_skip="i32", N_BUCKET="i32")
-    flags = dict(FIRST=False, DOT_PRECISION=precision, GROUP_N=8, UPCAST=False, FILTER=True)
+    flags = dict(FIRST=False, DOT_PRECISION=precision, GROUP_N=8, UPCAST=False, FILTER=True, **rounding)
     return fel._grad_h_kernel, types, flags, _configs.GRAD_H
 
 
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
     parser.add_argument("--kernels", nargs="*", default=[*ELBO_KERNELS, "reduce", "random_mask"])
-    parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32", "bf16+w32"],
+                        choices=["bf16", "fp16", "fp32", "bf16+w32"])
     parser.add_argument("--first", action="store_true", help="only the first autotune config of each list")
     parser.add_argument("--strict", action="store_true", help="fail on register spills of a bf16/fp16 config")
     args = parser.parse_args(argv)

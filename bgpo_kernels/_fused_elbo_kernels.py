@@ -2,6 +2,7 @@
 the gradient filtering they implement are described in ``fused_elbo_loss.py``, which launches them."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -12,11 +13,26 @@ INTERPRET = is_interpreter()
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 _LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) · ln 2
 
+
+
+def _rounding(compute: str):
+    """Flags of the kernels that read W against operands of another dtype (autocast: an fp32 W, bf16/fp16
+    rows): ROUND_W, W's tiles are rounded to the compute dtype (the dtype of ``compute``, an argument) as they
+    are loaded; BF16_BITS, that rounding is done on the bits (the interpreter's own fp32 -> bf16 conversion
+    truncates, a GPU's rounds to nearest even)."""
+    return {
+        "ROUND_W": lambda args: args["weight_ptr"].dtype != args[compute].dtype,
+        "BF16_BITS": lambda args: INTERPRET and args["weight_ptr"].dtype != args[compute].dtype
+        and args[compute].dtype == torch.bfloat16,
+    }
+
+
 _FLAGS = {
     "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] > 0.0,
     "EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0,
     "UPCAST": lambda args: INTERPRET,
+    **_rounding("h_ptr"),
 }
 # The consumers of the skip flags: a step of BLOCK_N rows x BLOCK_V columns covers this many filter cells
 # (the dz kernel's tiles, FILTER_N x FILTER_V) along each dimension -- all of them, or it lies in one.
@@ -72,6 +88,21 @@ def _load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.
 
 
 @triton.jit
+def _rounded(x, DTYPE: tl.constexpr, BF16_BITS: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of W in the compute dtype ``DTYPE``, rounded to nearest even (so the products are those of
+    autocast's bf16/fp16 copy of W, which is never made); fp32 under UPCAST."""
+    if BF16_BITS:  # fp32 bits: add half an ulp of bf16 (ties to even), keep the top 16 bits; NaN stays NaN
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x)
+    else:
+        x = x.to(DTYPE, fp_downcast_rounding="rtne")
+        if UPCAST:
+            x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _any_kept(skip_ptr, stride_skip, n0, c0, N, VC, FILTER_N, FILTER_V,
               CELLS_N: tl.constexpr, CELLS_V: tl.constexpr):
     """Whether a filter cell met by rows [n0, ...) x chunk columns [c0, ...) of a step was kept (not skipped)."""
@@ -86,7 +117,7 @@ def _any_kept(skip_ptr, stride_skip, n0, c0, N, VC, FILTER_N, FILTER_V,
 def _logits(h_rows, w_cols, row_mask, cols, col_mask, bias_ptr, softcap, H,
             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_SOFTCAP: tl.constexpr, EVEN_V: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, ROUND_W: tl.constexpr, BF16_BITS: tl.constexpr):
     """fp32 (BLOCK_N, BLOCK_V) logits z of the tile (bias, soft-cap; -inf past the columns' end)."""
     z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
@@ -94,7 +125,9 @@ def _logits(h_rows, w_cols, row_mask, cols, col_mask, bias_ptr, softcap, H,
         ks = k0 + offs_h
         in_h = ks < H
         h = _load_tile(h_rows[:, None] + ks[None, :], row_mask, in_h, True, not EVEN_H, UPCAST)
-        w = _load_tile(w_cols[:, None] + ks[None, :], col_mask, in_h, not EVEN_V, not EVEN_H, UPCAST)
+        w = _load_tile(w_cols[:, None] + ks[None, :], col_mask, in_h, not EVEN_V, not EVEN_H, UPCAST and not ROUND_W)
+        if ROUND_W:
+            w = _rounded(w, h_rows.dtype.element_ty, BF16_BITS, UPCAST)
         z = tl.dot(h, tl.trans(w), z, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -118,7 +151,7 @@ def _logits(h_rows, w_cols, row_mask, cols, col_mask, bias_ptr, softcap, H,
 @triton.jit
 def _fwd_kernel(
     h_ptr,  # (N, H) gathered masked rows, contiguous
-    weight_ptr,  # (V, H), row stride stride_w
+    weight_ptr,  # (V, H), row stride stride_w; the compute dtype, or fp32 under autocast (ROUND_W)
     bias_ptr,  # (V,) or None
     y_ptr,  # (N,) int64 targets of the rows
     max_ptr, sum_ptr,  # (N, S) fp32 out: running max (base 2) and rescaled sum of each split
@@ -127,7 +160,7 @@ def _fwd_kernel(
     DOT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    EVEN_V: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_V: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr, ROUND_W: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     pid_n, split = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), S, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,7 +178,7 @@ def _fwd_kernel(
         col_mask = cols < v_end
         z = _logits(h_rows, weight_ptr + cols.to(tl.int64) * stride_w, row_mask, cols, col_mask, bias_ptr,
                     softcap, H, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_V, EVEN_H, UPCAST,
-                    DOT_PRECISION)
+                    DOT_PRECISION, ROUND_W, BF16_BITS)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
         z2 = z * _LOG2E
         new_max = tl.maximum(running_max, tl.max(z2, axis=1))
@@ -209,7 +242,7 @@ def _reduce_kernel(
 @triton.jit
 def _dz_kernel(
     h_ptr,  # (N, H) gathered rows, contiguous
-    weight_ptr,  # (V, H), row stride stride_w
+    weight_ptr,  # (V, H), row stride stride_w; the compute dtype, or fp32 under autocast (ROUND_W)
     bias_ptr,  # (V,) or None
     y_ptr, lse_ptr, coef_ptr,  # (N,) int64 targets, fp32 logsumexps, fp32 coefficients of the rows
     dz_ptr,  # (N, stride_dz) out, compute dtype: columns [0, VC) of the chunk
@@ -218,7 +251,7 @@ def _dz_kernel(
     DOT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     FILTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    EVEN_V: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_V: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr, ROUND_W: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(VC, BLOCK_V), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -231,7 +264,7 @@ def _dz_kernel(
     cols = v0 + local
     z = _logits(h_ptr + offs_n.to(tl.int64) * H, weight_ptr + cols.to(tl.int64) * stride_w, row_mask, cols,
                 col_mask, bias_ptr, softcap, H, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, EVEN_V, EVEN_H,
-                UPCAST, DOT_PRECISION)
+                UPCAST, DOT_PRECISION, ROUND_W, BF16_BITS)
     prob = tl.exp2((z - lse[:, None]) * _LOG2E)
     onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
     dz = coef[:, None] * (onehot - prob)  # ∂loss/∂z
@@ -301,11 +334,11 @@ def _grad_w_kernel(
 
 
 @_tuned(_configs.GRAD_H, ["H", "V", "N_BUCKET"])
-@triton.heuristics(_CELLS)
+@triton.heuristics({**_CELLS, **_rounding("dz_ptr")})
 @triton.jit
 def _grad_h_kernel(
     dz_ptr,  # (N, stride_dz): dz of the chunk
-    weight_ptr,  # (V, H), row stride stride_w
+    weight_ptr,  # (V, H), row stride stride_w; the compute dtype, or fp32 under autocast (ROUND_W)
     grad_h_ptr,  # (N, H) fp32 accumulator, contiguous: read (unless FIRST) and written
     skip_ptr,  # the dz kernel's skip flags, or None
     N, H, V, v0, VC, stride_dz, stride_w, stride_skip, N_BUCKET,
@@ -313,6 +346,7 @@ def _grad_h_kernel(
     FILTER_N: tl.constexpr, FILTER_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     FILTER: tl.constexpr, CELLS_N: tl.constexpr, CELLS_V: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_W: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     pid_n, pid_h = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(H, BLOCK_H), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,6 +369,8 @@ def _grad_h_kernel(
             dz = _load_tile(dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + local[None, :], row_mask, in_c,
                             True, True, UPCAST)
             w = _load_tile(weight_ptr + (v0 + local).to(tl.int64)[:, None] * stride_w + ks[None, :], in_c, in_h,
-                           True, True, UPCAST)
+                           True, True, UPCAST and not ROUND_W)
+            if ROUND_W:
+                w = _rounded(w, dz_ptr.dtype.element_ty, BF16_BITS, UPCAST)
             acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
     tl.store(out, acc, mask=out_mask)

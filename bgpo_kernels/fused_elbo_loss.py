@@ -59,9 +59,12 @@ Workspace (``workspace_bytes``; s = element size of the compute dtype, N ≤ B·
 Precision: bf16/fp16 operands go to the tensor cores as they are, with fp32 accumulation; dz is
 rounded to the compute dtype for its two products.  fp32 inputs use ``input_precision="ieee"`` unless
 PyTorch allows TF32 matmuls.  Softmax, logsumexp and soft-cap are computed in fp32 (``exp2``/``log2``).
-Autocast is the op layer's (``bgpo.ops.fused_elbo_loss``: it casts hidden, W and bias to the autocast
-dtype for every backend); the launchers compute in the dtype they are given.  Under the interpreter
-every operand is converted to fp32 at load (SPEC §6).
+The compute dtype is hidden's.  Autocast is the op layer's (``bgpo.ops.fused_elbo_loss``): it casts hidden
+and bias to the autocast dtype and hands W over as it is (``weight_dtype_free``): a W of another dtype
+(the fp32 master weight) is rounded to the compute dtype tile by tile as the kernels load it (``ROUND_W``),
+so the products are those of autocast's bf16 copy of W, which is never made, and grad W is written in
+W's dtype straight from the fp32 accumulators.  Under the interpreter every operand is converted to fp32
+at load (SPEC §6), after that rounding.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ machine with a GPU (``scripts/gpu_check.sh`` runs them so).
 * masks bit-identical across torch-CPU, torch-CUDA, Triton and the CUDA extension (seeds negative,
   >= 2**31, >= 2**40; rows up to 65536 columns);
 * the peak memory of one backward within the workspace the backend declares (``workspace_bytes``);
+* an fp32 head under bf16 autocast: no bf16 copy of W (Triton rounds its tiles as it loads them);
 * ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
@@ -219,6 +220,27 @@ def test_backward_peak_within_declared_workspace(backend):
     extra = mem.peak_bytes - returned
     assert extra <= 1.05 * declared + 2**24, f"{backend}: backward used {extra / 2**20:.0f} MiB beyond its " \
         f"gradients, declared {declared / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b == "triton"])
+def test_autocast_fp32_head_makes_no_copy_of_the_weight(backend):
+    """LLaDA's head in fp32 under bf16 autocast: the Triton kernels round W's tiles as they load them, so the
+    forward and the backward (beyond the fp32 gradients it returns) stay far below the 1 GiB bf16 copy of W
+    that casting it would make, and ℓ is that of the bf16 casts."""
+    leaves, (targets, masked, elbo_weight, advantages, _) = _problem(**LLADA, dtype=torch.float32)
+    hidden, weight, _ = leaves
+    args = (targets, masked, elbo_weight, advantages)
+    copy = weight.numel() * 2
+    with torch.autocast("cuda", dtype=torch.bfloat16), track_peak_memory(GPU) as forward:
+        out = bgpo.fused_elbo_loss(hidden, weight, *args, num_samples=4, backend=backend)
+    with track_peak_memory(GPU) as backward:
+        out.loss.backward()
+    returned = (weight.numel() + hidden.numel()) * 4
+    assert forward.peak_bytes < copy / 2, f"forward peaked at {forward.peak_bytes / 2**20:.0f} MiB"
+    assert backward.peak_bytes - returned < copy / 2, f"backward peaked at {backward.peak_bytes / 2**20:.0f} MiB"
+    with torch.no_grad():
+        cast = bgpo.fused_elbo_loss(hidden.bfloat16(), weight.bfloat16(), *args, num_samples=4, backend=backend)
+    torch.testing.assert_close(out.elbo, cast.elbo, rtol=1e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS + ["torch"])

@@ -767,7 +767,7 @@ def test_kernels_compile_for_the_gpu_without_spills(arch, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "bgpo_kernels._compile_check", "--arch", str(arch), "--first", "--strict",
-         "--dtypes", "bf16", "fp16", "fp32"],
+         "--dtypes", "bf16", "fp16", "fp32", "bf16+w32"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

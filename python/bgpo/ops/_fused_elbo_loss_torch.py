@@ -53,6 +53,17 @@ def _tile_logits(h32, w32, bias, v0, v1, softcap):
     return capped * softcap, capped
 
 
+def _weight_tile(weight, v0, v1, compute_dtype):
+    """fp32 values of W[v0:v1] as the compute dtype (hidden's) holds them: a view of an fp32 W, an exact fp32
+    copy of a bf16/fp16 slice, or -- W of another dtype than hidden, the fp32 master weight under autocast
+    -- the slice rounded to the compute dtype first, so the products are those of autocast's copy of W,
+    which is never made whole."""
+    tile = weight[v0:v1]
+    if tile.dtype != compute_dtype:
+        tile = tile.to(compute_dtype)
+    return tile.float()
+
+
 def _gather_rows(hidden, targets, masked):
     """(flat indices into B*L of the masked positions in row-major order, their hidden rows in fp32, their
     targets).
@@ -93,7 +104,7 @@ def forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_s
     R, Vt = _tiles(N, V, h32.shape[1], chunk_size)
     for v0 in range(0, V, Vt):
         v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float()  # a view for fp32 inputs, an exact fp32 copy of the slice otherwise
+        w32 = _weight_tile(weight, v0, v1, hidden.dtype)
         for r0 in range(0, N, R):
             r = slice(r0, r0 + R)
             _forward_tile(h32[r], y[r], w32, bias, v0, v1, softcap, m[r], s[r], target_logit[r])
@@ -146,7 +157,7 @@ def backward(grad_elbo, hidden, weight, bias, targets, masked, elbo_weight, lse,
     R, Vt = _tiles(N, V, H, chunk_size)
     for v0 in range(0, V, Vt):
         v1 = min(v0 + Vt, V)
-        w32 = weight[v0:v1].float()
+        w32 = _weight_tile(weight, v0, v1, hidden.dtype)
         grad_w_tile = torch.zeros(v1 - v0, H, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_b_tile = torch.zeros(v1 - v0, dtype=torch.float32, device=weight.device) if need_bias else None
         for r0 in range(0, N, R):
@@ -176,7 +187,8 @@ def workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
 
     * gathering the rows holds them in the input dtype and in fp32 at once: N·H·(s + 4·low);
     * then the fp32 rows (N·H·4) stay, with per tile the fp32 weight slice (Vt·H·4·low) and an R x Vt
-      fp32 logits tile;
+      fp32 logits tile; a W of another dtype (autocast) is rounded through a slice in the compute dtype,
+      Vt·H·(s + 4) for the two;
     * forward adds the running max, sum and target logit (3·N·4);
     * backward adds grad h's fp32 buffer (N·H·4), the fp32 grad-W tile (Vt·H·4, if W needs a gradient),
       and at its end grad h in the input dtype (N·H·s) in place of the tiles.
@@ -192,7 +204,8 @@ def workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
     low = int(hidden.dtype != torch.float32)
     gather = N * H * (size + 4 * low)
     rows32 = N * H * 4
-    tile = Vt * H * 4 * low + R * Vt * 4
+    weight_slice = Vt * H * (size + 4) if weight.dtype != hidden.dtype else Vt * H * 4 * low
+    tile = weight_slice + R * Vt * 4
     if phase == "forward":
         return max(gather, rows32 + tile) + 3 * N * 4
     grad_w_tile = Vt * H * 4 * int(bool(need_weight))
@@ -201,6 +214,7 @@ def workspace_bytes(phase, hidden, weight, chunk_size, need_weight=False):
 
 register_backend(
     "fused_elbo_loss",
-    Backend("torch", SimpleNamespace(forward=forward, backward=backward, workspace_bytes=workspace_bytes),
+    Backend("torch", SimpleNamespace(forward=forward, backward=backward, workspace_bytes=workspace_bytes,
+                                     weight_dtype_free=True),  # W of another dtype: rounded per tile
             available=lambda d: None),
 )

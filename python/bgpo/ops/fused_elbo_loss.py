@@ -180,13 +180,14 @@ register_workspace("bgpo::fused_elbo_loss_bwd", _workspace("backward"))
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size):
+def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size, autocast=False):
+    """``autocast``: the operands will be cast to one dtype, so theirs may differ (as a matmul's under autocast)."""
     check_tensor("hidden", hidden, dims=3, floating=True)
     B, L, H = hidden.shape
     check_tensor("weight", weight, dims=2, floating=True)
     if weight.shape[1] != H:
         raise ValueError(f"weight: expected shape (V, {H}) to match hidden's last dim, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not autocast:
         raise ValueError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
     V = weight.shape[0]
     check_device("weight", weight, hidden)
@@ -200,7 +201,7 @@ def _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softc
     check_shape("elbo_weight", elbo_weight, (B,))
     check_device("elbo_weight", elbo_weight, hidden)
     if bias is not None:
-        check_tensor("bias", bias, dtype=hidden.dtype)
+        check_tensor("bias", bias, floating=True, dtype=None if autocast else hidden.dtype)
         check_shape("bias", bias, (V,))
         check_device("bias", bias, hidden)
     check_real("softcap", softcap, positive=True, optional=True)
@@ -222,16 +223,25 @@ def _check_grad_filter(grad_filter_eps, backend_name: str) -> float:
     return float(grad_filter_eps)
 
 
-def _autocast_operands(hidden, weight, bias):
-    """Under autocast for the tensors' device, the operands cast to the autocast dtype as a matmul's would be
-    (as Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype; a copy of W is held)."""
-    device_type = hidden.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for tensors on ``device``, or None when autocast is off there."""
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast_operands(hidden, weight, bias, impl, dtype: torch.dtype | None):
+    """Under autocast for the tensors' device, the operands in the autocast dtype, as a matmul's would be (as
+    Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype).  A backend that rounds W's
+    tiles to hidden's dtype itself (``impl.weight_dtype_free``: torch, triton) gets W as it is -- the same
+    products, no (V, H) copy of W, and grad W straight from its fp32 accumulators; the others (C++/CUDA)
+    get a cast copy of W, held from forward to backward.  (``.to`` of a tensor already in ``dtype`` is the
+    tensor itself.)"""
+    if dtype is None:
         return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    if dtype == hidden.dtype:
-        return hidden, weight, bias
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if not getattr(impl, "weight_dtype_free", False):
+        weight = weight.to(dtype)
+    return hidden.to(dtype), weight, None if bias is None else bias.to(dtype)
 
 
 def fused_elbo(
@@ -256,11 +266,12 @@ def fused_elbo(
     if cu_seqlens is not None:
         return _packed_elbo(hidden, weight, targets, masked, elbo_weight, cu_seqlens, bias=bias, softcap=softcap,
                             backend=backend, chunk_size=chunk_size, grad_filter_eps=grad_filter_eps)
-    _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size)
+    autocast = _autocast_dtype(hidden.device)
+    _check_elbo_inputs(hidden, weight, targets, masked, elbo_weight, bias, softcap, chunk_size, autocast is not None)
+    chosen = resolve_backend("fused_elbo_loss", backend, hidden.device)
     if grad_filter_eps is not None:
-        grad_filter_eps = _check_grad_filter(
-            grad_filter_eps, resolve_backend("fused_elbo_loss", backend, hidden.device).name)
-    hidden, weight, bias = _autocast_operands(hidden, weight, bias)
+        grad_filter_eps = _check_grad_filter(grad_filter_eps, chosen.name)
+    hidden, weight, bias = _autocast_operands(hidden, weight, bias, chosen.impl, autocast)
     elbo, _ = _fwd_op(
         hidden, weight, bias, targets, masked, elbo_weight,
         None if softcap is None else float(softcap), backend, chunk_size or 0, grad_filter_eps,
