@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import _configs  # noqa: E402
 from . import fused_elbo_loss as fel  # noqa: E402
+from ._fused_elbo_kernels import _CELLS  # noqa: E402
 from . import random_mask as rm  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
@@ -139,11 +140,11 @@ def main(argv=None) -> int:
                 constexprs = dict(config.kwargs, **flags)
                 if filtering is not None:
                     constexprs["FILTER"] = filtering
-                if kernel_name in ("grad_w", "grad_h"):
+                if kernel_name in ("grad_w", "grad_h"):  # the cells of the default dz tile, as the launcher sets
                     cell = _configs.DZ[args.arch][0].kwargs
-                    constexprs.update(FILTER_N=cell["BLOCK_N"], FILTER_V=cell["BLOCK_V"],
-                                      CELLS_N=max(1, constexprs["BLOCK_N"] // cell["BLOCK_N"]),
-                                      CELLS_V=max(1, constexprs["BLOCK_V"] // cell["BLOCK_V"]))
+                    constexprs.update(FILTER_N=cell["BLOCK_N"], FILTER_V=cell["BLOCK_V"])
+                    named = dict(constexprs, skip_ptr=None if filtering is False else "flags")
+                    constexprs.update({flag: rule(named) for flag, rule in _CELLS.items() if flag.startswith("CELLS")})
                 try:
                     result = compile_kernel(kernel, types, constexprs, args.arch, config.num_warps, config.num_stages)
                 except Exception as err:  # noqa: BLE001 - report every failing specialisation

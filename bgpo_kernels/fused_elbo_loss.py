@@ -204,10 +204,8 @@ def fused_elbo_loss_backward(grad_elbo, hidden, weight, bias, targets, masked, e
         min_n, min_v = _smallest_dz_tile()
         stride_skip = cdiv(Vc, min_v)
         skip = torch.empty(cdiv(N, min_n), stride_skip, dtype=torch.int8, device=device)
-    cell = {}  # the dz tile of the last launch (the autotuner launches its winner last): the filter cell
 
     def dz_grid(meta):
-        cell.update(FILTER_N=meta["BLOCK_N"], FILTER_V=meta["BLOCK_V"])
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(VC, meta["BLOCK_V"]),)
 
     with device_guard(device):
@@ -216,6 +214,9 @@ def fused_elbo_loss_backward(grad_elbo, hidden, weight, bias, targets, masked, e
             _dz_kernel[dz_grid](h, w, b, y, lse_rows, coef_rows, dz, skip, N, H, V, v0, VC, w.stride(0), Vc,
                                 stride_skip, _softcap(softcap), float(grad_filter_eps or 0.0), bucket,
                                 DOT_PRECISION=precision, GROUP_N=GROUP)
+            # the filter cell: the tile of the config the autotuner ran (set before it launches)
+            chosen = _dz_kernel.best_config.kwargs
+            cell = dict(FILTER_N=chosen["BLOCK_N"], FILTER_V=chosen["BLOCK_V"])
             if need_weight or need_bias:
                 grid = lambda meta: (  # noqa: E731
                     triton.cdiv(VC, meta["BLOCK_V"]) * (triton.cdiv(H, meta["BLOCK_H"]) if need_weight else 1),)
