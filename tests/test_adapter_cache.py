@@ -1,9 +1,10 @@
-"""The Hugging Face adapter's prefix KV cache (bgpo.models.adapter_cache): transformers ``Cache`` objects and
-the legacy (key, value) tuples of OLMo-derived remote code, shifted families, the one-time check that refuses a
-model whose cache is not a bidirectional prefix cache, and generate(cache="prefix") through the adapter.
+"""The Hugging Face adapter's KV caches (bgpo.models.adapter_cache): prefix and dual, through transformers
+``Cache`` objects and the legacy (key, value) tuples of OLMo-derived remote code; shifted families; the one-time
+check that refuses a model whose cache cannot serve (causal with past keys, masks ignored); generate(cache=...)
+through the adapter.
 
-What is exact: a forward over positions s .. T-1 against a cache filled from the same sequence equals the full
-forward (up to summation order).  With one layer the sampler's prefix cache is exact token for token (a cached
+What is exact: a forward over positions s .. e-1 against a cache filled from the same sequence equals the full
+forward (up to summation order).  With one layer the sampler's caches are exact token for token (a cached
 token's layer-0 key depends on the token and its position only, and cached tokens do not change); with more
 layers the keys of the prompt go stale once the response changes (see tests/test_rollout_cache.py).
 """
@@ -41,14 +42,17 @@ def _bidirectional_llama(layers: int = 2, *, tie: bool = False, seed: int = 0, d
 
 class _RemoteStyleLM(nn.Module):
     """The shape of OLMo-derived remote code (LLaDA's): ``past_key_values`` as per-layer (key, value) tuples
-    (B, heads, T, head_dim), new keys appended after the cached ones, RoPE positions continuing from the cache.
-    ``causal_with_past`` adds a causal bias whenever past keys are given; ``returns_cache=False`` never
-    returns a cache."""
+    (B, heads, T, head_dim), new keys appended after the cached ones, RoPE positions continuing from the cache
+    (no ``position_ids``: the adapter offers the prefix cache only).  ``causal_with_past`` adds a causal bias
+    whenever past keys are given; ``returns_cache=False`` never returns a cache; ``ignore_mask`` ignores
+    attention masks, as LLaDA's code does."""
 
-    def __init__(self, *, causal_with_past=False, returns_cache=True, vocab=64, dim=32, heads=4, layers=2):
+    def __init__(self, *, causal_with_past=False, returns_cache=True, ignore_mask=False, vocab=64, dim=32, heads=4,
+                 layers=2):
         super().__init__()
         self.config = types.SimpleNamespace(model_type="llada", mask_token_id=vocab - 1, eos_token_id=1)
         self.heads, self.causal_with_past, self.returns_cache = heads, causal_with_past, returns_cache
+        self.ignore_mask = ignore_mask
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim), "out": nn.Linear(dim, dim)})
                                     for _ in range(layers))
@@ -58,11 +62,15 @@ class _RemoteStyleLM(nn.Module):
         return self.head
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+        return self._forward(input_ids, attention_mask, past_key_values, use_cache)
+
+    def _forward(self, input_ids, attention_mask, past_key_values, use_cache, position_ids=None):
         batch, length = input_ids.shape
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[-2]
-        rope = rotary_tables(torch.arange(past_length, past_length + length), 32 // self.heads, 10000.0)
+        positions = torch.arange(past_length, past_length + length) if position_ids is None else position_ids
+        rope = rotary_tables(positions, 32 // self.heads, 10000.0)
         allowed = torch.ones(batch, 1, length, past_length + length, dtype=torch.bool)
-        if attention_mask is not None:
+        if attention_mask is not None and not self.ignore_mask:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
         if self.causal_with_past and past_key_values is not None:
             allowed = allowed & torch.ones(length, past_length + length, dtype=torch.bool).tril(past_length)
@@ -81,9 +89,16 @@ class _RemoteStyleLM(nn.Module):
         return types.SimpleNamespace(logits=self.head(x), past_key_values=cache)
 
 
-def _remote_style(**kwargs) -> _RemoteStyleLM:
+class _RemoteStyleWithPositions(_RemoteStyleLM):
+    """The same, taking ``position_ids`` (so the adapter offers the dual cache too)."""
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None):
+        return self._forward(input_ids, attention_mask, past_key_values, use_cache, position_ids)
+
+
+def _remote_style(positions=False, **kwargs) -> _RemoteStyleLM:
     torch.manual_seed(0)
-    return _RemoteStyleLM(**kwargs).double().eval()
+    return (_RemoteStyleWithPositions if positions else _RemoteStyleLM)(**kwargs).double().eval()
 
 
 def _padded_batch():
@@ -94,33 +109,47 @@ def _padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("build", [
-    lambda: _bidirectional_llama(),
-    lambda: _bidirectional_llama(tie=True),
-    lambda: _bidirectional_llama(dream=True),
-    lambda: _remote_style(),
-], ids=["llama", "tied", "dream-shift", "tuple-cache"])
-def test_cached_suffix_forward_equals_full_forward_on_a_fresh_cache(build):
+@pytest.mark.parametrize("build, modes", [
+    (lambda: _bidirectional_llama(), ("prefix", "dual")),
+    (lambda: _bidirectional_llama(tie=True), ("prefix", "dual")),
+    (lambda: _bidirectional_llama(dream=True), ("prefix", "dual")),
+    (lambda: _remote_style(), ("prefix",)),
+    (lambda: _remote_style(positions=True), ("prefix", "dual")),
+], ids=["llama", "tied", "dream-shift", "tuple-cache", "tuple-cache-positions"])
+def test_cached_slice_forward_equals_full_forward_on_a_fresh_cache(build, modes):
     adapter = HFMaskedDiffusionAdapter(build())
+    assert adapter.kv_cache_modes == modes
     ids, mask = _padded_batch()
     cache = adapter.new_kv_cache()
     full = adapter.hidden_states(ids, mask, kv_cache=cache)
     torch.testing.assert_close(full, adapter.hidden_states(ids, mask), rtol=0, atol=1e-12)
-    for start in (9, 6, 11):  # several cuts of one cache: each cut keeps the refresh's prefix
-        part = adapter.hidden_states(ids[:, start:], mask, kv_cache=cache, cache_start=start)
-        torch.testing.assert_close(part, full[:, start:], rtol=0, atol=1e-10)
-    assert adapter._cache_verified and cache.hidden is None  # checked once, the reference then dropped
+    dual_cuts = ((6, 10), (9, 12), (2, 4)) if "dual" in modes else ()
+    for start, end in dual_cuts + ((11, 14), (9, 14), (6, 14)):  # several cuts of one cache: dual, then shorter
+        part = adapter.hidden_states(ids[:, start:end], mask, kv_cache=cache, cache_start=start)
+        torch.testing.assert_close(part, full[:, start:end], rtol=0, atol=1e-10)
+    assert adapter._verified_caches == set(modes)  # each checked once
+    if "dual" in modes:  # the prefix cuts left the refresh's keys of 0 .. 5 (Dream: 0 .. 4) only: no dual cut now
+        last = 4 if adapter.shift else 5
+        message = rf"cache_start: the cache holds the refresh's keys of positions 0 \.\. {last} only"
+        with pytest.raises(ValueError, match=message):
+            adapter.hidden_states(ids[:, 6:10], mask, kv_cache=cache, cache_start=6)
+    else:
+        with pytest.raises(ValueError, match="need the dual cache, and _RemoteStyleLM's forward takes no position_ids"):
+            adapter.hidden_states(ids[:, 6:10], mask, kv_cache=cache, cache_start=6)
 
 
 @pytest.mark.parametrize("block_length", [8, 4])
-@pytest.mark.parametrize("build", [lambda: _bidirectional_llama(1), lambda: _remote_style(layers=1)],
-                         ids=["llama", "tuple-cache"])
-def test_one_layer_prefix_cache_reproduces_the_exact_sampler(build, block_length):
+@pytest.mark.parametrize("build, cache", [
+    (lambda: _bidirectional_llama(1), "prefix"), (lambda: _bidirectional_llama(1), "dual"),
+    (lambda: _bidirectional_llama(1, dream=True), "dual"), (lambda: _remote_style(layers=1), "prefix"),
+    (lambda: _remote_style(positions=True, layers=1), "dual"),
+], ids=["llama-prefix", "llama-dual", "dream-dual", "tuple-cache-prefix", "tuple-cache-dual"])
+def test_one_layer_cache_reproduces_the_exact_sampler(build, cache, block_length):
     adapter = HFMaskedDiffusionAdapter(build())
     ids, mask = _padded_batch()
     kwargs = dict(attention_mask=mask[:, :6], gen_length=8, block_length=block_length, steps=8, return_order=True)
     exact = generate(adapter, ids[:, :6], **kwargs)
-    cached = generate(adapter, ids[:, :6], cache="prefix", **kwargs)
+    cached = generate(adapter, ids[:, :6], cache=cache, **kwargs)
     assert torch.equal(cached.sequences, exact.sequences) and torch.equal(cached.order, exact.order)
 
 
@@ -144,11 +173,12 @@ def test_prefix_cache_first_step_exact_later_steps_approximate():
     assert (stale - adapter.hidden_states(x, mask.new_ones(x.shape))[:, 6:]).abs().max() > 1e-6
 
 
-def test_prefix_cache_with_threshold_and_groups():
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_with_threshold_and_groups(cache):
     adapter = HFMaskedDiffusionAdapter(_bidirectional_llama(2))
     ids, mask = _padded_batch()
     out = generate(adapter, ids[:, :6], attention_mask=mask[:, :6], gen_length=8, block_length=4, steps=8,
-                   cache="prefix", threshold=0.2, temperature=1.0, seed=0, group_size=4, return_order=True)
+                   cache=cache, threshold=0.2, temperature=1.0, seed=0, group_size=4, return_order=True)
     response = out.sequences[:, 6:]
     assert out.sequences.shape == (12, 14) and (out.order >= 0).all()  # every position decoded once
     assert 2 <= out.forwards <= 8
@@ -156,22 +186,35 @@ def test_prefix_cache_with_threshold_and_groups():
     assert all(len({tuple(r.tolist()) for r in g}) > 1 for g in groups)  # temperature > 0: diverse groups
 
 
-def test_dual_cache_refused_with_the_modes_offered():
-    adapter = HFMaskedDiffusionAdapter(_bidirectional_llama(1))
-    with pytest.raises(ValueError, match=r"cache: HFMaskedDiffusionAdapter offers the KV caches \('prefix',\), not 'dual'"):
+def test_dual_cache_refused_without_position_ids_with_the_modes_offered():
+    adapter = HFMaskedDiffusionAdapter(_remote_style(layers=1))
+    message = r"cache: HFMaskedDiffusionAdapter offers the KV caches \('prefix',\), not 'dual'"
+    with pytest.raises(ValueError, match=message):
         generate(adapter, torch.zeros(1, 2, dtype=torch.long), gen_length=4, block_length=4, steps=4, cache="dual")
 
 
 def test_model_whose_cache_is_causal_is_refused_with_the_error_measured():
     adapter = HFMaskedDiffusionAdapter(_remote_style(causal_with_past=True))
     ids, mask = _padded_batch()
-    with pytest.raises(UnsupportedModelError, match=r"cache: _RemoteStyleLM's forward against its own cache differs "
-                                                    r"from its full forward by [0-9.e+-]+ \(largest relative row"):
+    with pytest.raises(UnsupportedModelError, match=r"cache: _RemoteStyleLM's forward against its own cache \(prefix\) "
+                                                    r"differs from its full forward by [0-9.e+-]+ \(largest relative"):
         generate(adapter, ids[:, :6], attention_mask=mask[:, :6], gen_length=8, block_length=4, steps=8,
                  cache="prefix")
-    assert not adapter._cache_verified
+    assert not adapter._verified_caches
     exact = generate(adapter, ids[:, :6], attention_mask=mask[:, :6], gen_length=8, block_length=4, steps=8)
     assert exact.sequences.shape == (3, 14)  # the model still samples without a cache
+
+
+def test_model_ignoring_masks_is_refused_the_dual_cache():
+    """Dual hides the cached copies of the slice's positions with the mask: a model that ignores masks (as
+    LLaDA's code does) would count them twice; the check sees it.  Its prefix cache needs no mask and works."""
+    adapter = HFMaskedDiffusionAdapter(_remote_style(positions=True, ignore_mask=True))
+    prompt = torch.randint(0, 60, (2, 6))
+    kwargs = dict(gen_length=8, block_length=4, steps=8)
+    with pytest.raises(UnsupportedModelError, match=r"\(dual\) differs from its full forward"):
+        generate(adapter, prompt, cache="dual", **kwargs)
+    assert generate(adapter, prompt, cache="prefix", **kwargs).forwards == 8
+    assert adapter._verified_caches == {"prefix"}
 
 
 def test_model_without_a_cache_is_refused():
@@ -193,7 +236,7 @@ def test_cache_arguments_are_checked():
     adapter.hidden_states(ids, mask, kv_cache=cache)
     with pytest.raises(ValueError, match="cache_start: expected an int >= 0"):
         adapter.hidden_states(ids[:, 2:], mask, kv_cache=cache, cache_start=-2)
-    with pytest.raises(ValueError, match=r"cache_start: the prefix cache runs positions 2 \.\. 13"):
-        adapter.hidden_states(ids[:, 2:6], mask, kv_cache=cache, cache_start=2)  # a dual-cache slice
+    with pytest.raises(ValueError, match=r"cache_start: input_ids of shape \(3, 12\) from position 4 do not fit"):
+        adapter.hidden_states(ids[:, 2:], mask, kv_cache=cache, cache_start=4)  # past the end
     with pytest.raises(ValueError, match=r"attention_mask: expected shape \(3, 14\)"):
         adapter.hidden_states(ids[:, 2:], mask[:, 2:], kv_cache=cache, cache_start=2)

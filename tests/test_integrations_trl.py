@@ -54,18 +54,28 @@ def test_threshold_sampler_and_its_metrics_are_logged(tmp_path):
     assert all(entry["rollout/parallel_fraction"] == 1.0 and entry["rollout/tokens_per_s"] > 0 for entry in logs)
 
 
-def test_prefix_cache_sampler_runs_the_suffix_only(tmp_path):
-    trainer = trl_tiny.trainer(tmp_path, sampler_cache="prefix", sampler_threshold=0.5)
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_sampler_runs_a_slice_only(tmp_path, cache):
+    trainer = trl_tiny.trainer(tmp_path, sampler_cache=cache, sampler_threshold=0.5)
     lengths = []
     embed = trainer.policy.model.get_input_embeddings()
     handle = embed.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
     trainer.train()
     handle.remove()
-    assert trainer.policy._cache_verified  # the model's cache reproduced its full forward once
+    assert cache in trainer.policy._verified_caches  # checked once (dual: the last block is a prefix slice)
     sequence = max(lengths)  # prompt + 8 response tokens: the refresh forwards
-    assert any(n < sequence for n in lengths)  # cached steps ran from the block to the end only
+    cached = {n for n in lengths if n < sequence}  # 8 response tokens, blocks of 4
+    assert cached == {4} if cache == "dual" else cached == {8, 4}  # the block; or it and the rest of the answer
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(1 <= entry["rollout/forwards_per_answer"] <= 8 for entry in logs)
+
+
+def test_dual_cache_refused_for_a_model_without_position_ids(tmp_path, monkeypatch):
+    from bgpo.models import HFMaskedDiffusionAdapter
+
+    monkeypatch.setattr(HFMaskedDiffusionAdapter, "kv_cache_modes", ("prefix",))  # as for LLaDA's remote code
+    with pytest.raises(ValueError, match=r"sampler_cache: LlamaForCausalLM offers \('prefix',\) .*not 'dual'"):
+        trl_tiny.trainer(tmp_path, sampler_cache="dual")
 
 
 def _update_peak(tmp_path, objective, num_mc_samples):
@@ -170,7 +180,7 @@ def test_ddp_and_deepspeed_zero2_and_zero3_over_two_processes_agree(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("objective", "ppo"), ("num_mc_samples", 0), ("mask_scheme", "uniform"), ("block_length", 3),
     ("diffusion_steps", 3), ("beta", -0.1), ("remasking", "entropy"), ("sampler_threshold", 1.5),
-    ("sampler_threshold", True), ("sampler_cache", "dual"), ("sampler_cache", "full"),
+    ("sampler_threshold", True), ("sampler_cache", "full"),
 ])
 def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
     options = dict(output_dir=str(tmp_path), max_completion_length=8, block_length=4, diffusion_steps=4,

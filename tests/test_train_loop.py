@@ -231,7 +231,7 @@ def test_warm_up_saves_a_checkpoint_to_start_rl_from(tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("cache", [None, "prefix"])
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
 def test_a_hugging_face_checkpoint_trains_through_the_adapter(tmp_path, monkeypatch, cache):
     """``model.path`` + ``model.hf``: a saved transformers model and tokenizer, loaded and driven through
     ``HFMaskedDiffusionAdapter`` (a tiny Llama made bidirectional, see tests/trl_tiny.py)."""
@@ -246,7 +246,7 @@ def test_a_hugging_face_checkpoint_trains_through_the_adapter(tmp_path, monkeypa
     trainer = Trainer(load_config(None, [
         f"model.path={checkpoint}", "model.hf=true", "reward=letters:distinct", "data.prompt_template=a+{puzzle}=",
         "data.train_size=16", "data.eval_size=2", "rollout.group_size=4", "rollout.gen_length=8",
-        "rollout.block_length=8", "rollout.steps=4", "policy.num_samples=2", "batch_size=2", "steps=2",
+        "rollout.block_length=4", "rollout.steps=4", "policy.num_samples=2", "batch_size=2", "steps=2",
         "optim.lr=1e-2", "log.progress=false", "log.tensorboard=false", f"output_dir={tmp_path / 'run'}",
         f"rollout.cache={cache or 'null'}"]))
     assert type(trainer.model).__name__ == "HFMaskedDiffusionAdapter"
@@ -255,4 +255,4 @@ def test_a_hugging_face_checkpoint_trains_through_the_adapter(tmp_path, monkeypa
     result = trainer.train()
     assert result["kind"] == "eval"
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
-    assert trainer.model._cache_verified == (cache == "prefix")  # the model's cache was checked and used
+    assert (cache in trainer.model._verified_caches) if cache else not trainer.model._verified_caches

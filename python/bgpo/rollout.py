@@ -35,7 +35,7 @@ Accelerated sampling (Fast-dLLM; approximate, opt-in):
 
 * ``cache="prefix"``: the first forward of each block runs the whole sequence and stores every layer's
   keys and values (``model.new_kv_cache()``: ``bgpo.models.attention.KVCache`` for ``LLaDAModelLM``, the
-  model's own cache cut back to the prefix for the Hugging Face adapter); the block's later steps run only the current
+  model's own cache for the Hugging Face adapter, see ``bgpo.models.adapter_cache``); the block's later steps run only the current
   block and everything after it, attending to the stored keys and values of the prompt and finished
   blocks.  ``cache="dual"`` runs only the current block, the suffix's keys and values being stored too.
   The cached keys and values are those of the sequence at the block's first step: exact for that
@@ -221,7 +221,8 @@ def generate(
         return_order: also return the step at which each response position was unmasked.
         cache: None (exact), ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate KV cache, see
             "Accelerated sampling" above; needs a model whose ``kv_cache_modes`` include it
-            (``LLaDAModelLM``: both; ``HFMaskedDiffusionAdapter``: ``"prefix"``).
+            (``LLaDAModelLM``: both; ``HFMaskedDiffusionAdapter``: ``"prefix"``, and ``"dual"`` when the
+            model's forward takes ``position_ids``).
         threshold: None (the step schedule), or unmask every position of the block whose
             confidence exceeds it, at least one per row and step (``steps`` then only validates).
 

@@ -73,7 +73,7 @@ __all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer"]
 
 MASK_SCHEMES = ("stratified", "bernoulli")
 REMASKING = ("low_confidence", "random")
-HF_CACHES = (None, *HFMaskedDiffusionAdapter.kv_cache_modes)
+HF_CACHES = (None, "prefix", "dual")  # dual: when the model's forward takes position_ids
 
 
 @dataclass
@@ -117,8 +117,8 @@ class DiffusionGRPOConfig(GRPOConfig):
                                         "step (None: the diffusion_steps schedule)."}
     )
     sampler_cache: str | None = field(
-        default=None, metadata={"help": "Fast-dLLM's approximate KV cache for the sampler: None (exact) or 'prefix' "
-                                        "(the policy is a Hugging Face model: no dual cache)."}
+        default=None, metadata={"help": "Fast-dLLM's approximate KV cache for the sampler: None (exact), 'prefix' "
+                                        "or 'dual' (the latter when the model's forward takes position_ids)."}
     )
     mask_id: int | None = field(
         default=None, metadata={"help": "Mask token id (default: the model config's, else the tokenizer's)."}
@@ -138,10 +138,7 @@ class DiffusionGRPOConfig(GRPOConfig):
         if self.sampler_threshold is not None and self.remasking != "low_confidence":
             raise ValueError(f"sampler_threshold: compares low_confidence probabilities; remasking={self.remasking!r}")
         if self.sampler_cache not in HF_CACHES:
-            raise ValueError(
-                f"sampler_cache: expected one of {HF_CACHES}, got {self.sampler_cache!r} (the dual cache needs "
-                "bgpo's LLaDAModelLM; a Hugging Face policy's own cache can hold the prefix only)"
-            )
+            raise ValueError(f"sampler_cache: expected one of {HF_CACHES}, got {self.sampler_cache!r}")
         if self.spg_negative not in SPG_NEGATIVE:
             raise ValueError(f"spg_negative: expected one of {SPG_NEGATIVE}, got {self.spg_negative!r}")
         if self.mc_micro_batch_size is not None and self.mc_micro_batch_size < 1:
@@ -235,6 +232,9 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             )
         self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         self.policy = HFMaskedDiffusionAdapter(self.model, tokenizer=self._tokenizer, mask_token_id=args.mask_id)
+        if args.sampler_cache is not None and args.sampler_cache not in self.policy.kv_cache_modes:
+            raise ValueError(f"sampler_cache: {type(self.model).__name__} offers {self.policy.kv_cache_modes} (the "
+                             f"dual cache needs a forward that takes position_ids), not {args.sampler_cache!r}")
         self.kl_beta = kl_beta
         self.reference = None if reference is None else HFMaskedDiffusionAdapter(
             reference.to(self.accelerator.device), tokenizer=self._tokenizer, mask_token_id=args.mask_id)

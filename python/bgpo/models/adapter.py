@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_cache import (VERIFY_TOLERANCE, HFPrefixCache, cache_keyword, prefix_view, relative_row_error,
-                            returned_cache)
+from .adapter_cache import (VERIFY_TOLERANCE, HFKVCache, cache_keyword, relative_row_error, returned_cache,
+                            takes_position_ids)
 from .checkpointing import find_blocks
 
 __all__ = ["HFMaskedDiffusionAdapter", "UnsupportedModelError"]
@@ -159,30 +159,32 @@ class HFMaskedDiffusionAdapter(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self._blocks_name)
 
-    #: ``bgpo.rollout.generate(cache="prefix")`` runs through the model's own cache, cut back to the prefix
-    #: before each forward and checked once against the full forward (``bgpo.models.adapter_cache``).  The
-    #: dual cache needs cached keys after the slice's, which an appending cache cannot hold.
-    kv_cache_modes = ("prefix",)
+    @property
+    def kv_cache_modes(self) -> tuple[str, ...]:
+        """The caches ``bgpo.rollout.generate(cache=...)`` may use, through the model's own cache
+        (``bgpo.models.adapter_cache``): ``"prefix"`` always, ``"dual"`` when the forward takes
+        ``position_ids``.  Each is checked once against the full forward on first use."""
+        return ("prefix", "dual") if takes_position_ids(self.model) else ("prefix",)
 
-    def new_kv_cache(self) -> HFPrefixCache:
+    def new_kv_cache(self) -> HFKVCache:
         """An empty cache for one generation (``hidden_states(..., kv_cache=)``)."""
-        return HFPrefixCache()
+        return HFKVCache()
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        kv_cache: HFPrefixCache | None = None,
+        kv_cache: HFKVCache | None = None,
         cache_start: int | None = None,
     ) -> torch.Tensor:
         """(B, T, H) hidden states, row t predicting token t; the LM head is never applied.
 
         ``kv_cache`` (sampling only, from ``new_kv_cache()``): without ``cache_start`` the forward runs
         the whole sequence and stores the model's cache; with ``cache_start=s`` the ``input_ids`` (B, n)
-        are the tokens at positions s .. T-1 of the cached sequence (to its end: a prefix cache), they
-        attend to the cached keys of positions 0 .. s-1 and to their own, and ``attention_mask`` is the
-        whole sequence's (B, T)."""
+        are the tokens at positions s .. s+n-1 of the cached sequence, they attend to the cached keys of
+        the other positions and to their own, and ``attention_mask`` is the whole sequence's (B, T).
+        Ending at T is the prefix cache, before it the dual cache (see ``kv_cache_modes``)."""
         if cache_start is not None:
             if kv_cache is None:
                 raise ValueError("cache_start: needs a kv_cache")
@@ -191,7 +193,7 @@ class HFMaskedDiffusionAdapter(nn.Module):
             return self._cached_forward(input_ids, attention_mask, kv_cache, cache_start)
         if kv_cache is None:
             return self._shifted(self._run(input_ids, attention_mask)[0])
-        if not isinstance(kv_cache, HFPrefixCache):
+        if not isinstance(kv_cache, HFKVCache):
             raise ValueError(f"kv_cache: expected the adapter's new_kv_cache(), got {type(kv_cache).__name__}")
         hidden, past = self._run(input_ids, attention_mask, use_cache=True)
         if past is None:
@@ -199,55 +201,78 @@ class HFMaskedDiffusionAdapter(nn.Module):
                 f"model: {type(self.model).__name__} returned no cache from a forward with use_cache=True; "
                 "sample with cache=None"
             )
-        hidden = self._shifted(hidden)
-        kv_cache.store(past, input_ids, None if self._cache_verified else hidden)
-        return hidden
+        kv_cache.store(past, input_ids)
+        return self._shifted(hidden)
 
-    _cache_verified = False  # set on the instance once the model's cache reproduced a full forward
+    # The caches whose forward reproduced the full forward (set on the instance by _verify_cache).
+    _verified_caches: frozenset = frozenset()
 
     def _cached_forward(self, input_ids, attention_mask, kv_cache, start: int) -> torch.Tensor:
-        if not isinstance(kv_cache, HFPrefixCache) or kv_cache.input_ids is None:
+        if not isinstance(kv_cache, HFKVCache) or kv_cache.input_ids is None:
             raise ValueError("kv_cache: empty; run a forward with kv_cache and without cache_start first to fill it")
         cached_ids = kv_cache.input_ids
         batch, length = cached_ids.shape
-        if input_ids.dim() != 2 or input_ids.shape[0] != batch or start + input_ids.shape[1] != length:
+        end = start + (input_ids.shape[1] if input_ids.dim() == 2 else 0)
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch or not start < end <= length:
             raise ValueError(
-                f"cache_start: the prefix cache runs positions {start} .. {length - 1} (to the end of the "
-                f"cached {batch} x {length} sequence), got input_ids of shape {tuple(input_ids.shape)}; the "
-                "dual cache needs bgpo.models.LLaDAModelLM"
+                f"cache_start: input_ids of shape {tuple(input_ids.shape)} from position {start} do not fit the "
+                f"cached {batch} x {length} sequence"
+            )
+        mode = "prefix" if end == length else "dual"
+        if mode not in self.kv_cache_modes:
+            raise ValueError(
+                f"cache_start: positions {start} .. {end - 1} of {length} need the dual cache, and "
+                f"{type(self.model).__name__}'s forward takes no position_ids; the prefix cache runs to the end"
             )
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"attention_mask: expected shape {(batch, length)}, got {tuple(attention_mask.shape)}")
         # Shifted families read position t from the hidden state at t - 1: run from the token before.
         begin = start - 1 if self.shift else start
-        if begin <= 0:  # no prefix to attend to: a full forward
-            return self(torch.cat((cached_ids[:, :start], input_ids), dim=1), attention_mask)[:, start:]
-        if not self._cache_verified:
-            self._verify_cache(kv_cache, attention_mask, begin, start)
-        ids = torch.cat((cached_ids[:, begin:start], input_ids), dim=1)
-        hidden = self._run(ids, attention_mask, past=prefix_view(kv_cache.past, begin))[0]
+        if begin <= 0:  # no prefix to attend to: a full forward of the refresh's prefix and the slice
+            whole = torch.cat((cached_ids[:, :start], input_ids, cached_ids[:, end:]), dim=1)
+            return self(whole, attention_mask)[:, start:end]
+        if mode not in self._verified_caches:
+            self._verify_cache(kv_cache, attention_mask, begin, start, end, mode)
+        hidden = self._against_cache(torch.cat((cached_ids[:, begin:start], input_ids), dim=1), attention_mask,
+                                     kv_cache, begin, end)
         return hidden[:, :-1] if self.shift else hidden
 
-    def _verify_cache(self, kv_cache: HFPrefixCache, attention_mask, begin: int, start: int) -> None:
-        """Rerun the refresh's own tokens from ``begin`` against the cut cache (exact there) and compare."""
-        probe = self._run(kv_cache.input_ids[:, begin:], attention_mask, past=prefix_view(kv_cache.past, begin))[0]
+    def _against_cache(self, ids, attention_mask, kv_cache: HFKVCache, begin: int, end: int) -> torch.Tensor:
+        """Hidden states (unshifted) of the tokens ``ids`` at positions begin .. end-1, against the cache."""
+        length = kv_cache.input_ids.shape[1]
+        if end == length:  # prefix: the cache cut back to 0 .. begin-1, the slice continues at begin
+            return self._run(ids, attention_mask, past=kv_cache.refresh_keys(begin))[0]
+        # dual: all T cached positions, their stale copies of begin .. end-1 hidden, the fresh ones appended
+        batch = ids.shape[0]
+        keys = (torch.ones(batch, length, dtype=torch.long, device=ids.device) if attention_mask is None
+                else attention_mask.clone())
+        fresh = keys[:, begin:end].clone()
+        keys[:, begin:end] = 0
+        positions = torch.arange(begin, end, device=ids.device).expand(batch, -1)
+        return self._run(ids, torch.cat((keys, fresh), dim=1), past=kv_cache.refresh_keys(length),
+                         position_ids=positions)[0]
+
+    def _verify_cache(self, kv_cache: HFKVCache, attention_mask, begin: int, start: int, end: int, mode: str):
+        """Rerun the refresh's own tokens begin .. end-1 against the cache (exact there) and compare with a
+        full forward of the refresh's sequence (once per cache and adapter: two forwards more)."""
+        probe = self._against_cache(kv_cache.input_ids[:, begin:end], attention_mask, kv_cache, begin, end)
         probe = probe[:, :-1] if self.shift else probe
-        reference = kv_cache.hidden[:, start:]
+        reference = self._shifted(self._run(kv_cache.input_ids, attention_mask)[0])[:, start:end]
         error = relative_row_error(probe, reference)
         tolerance = VERIFY_TOLERANCE.get(reference.dtype, 5e-2)
         if not error <= tolerance:
             raise UnsupportedModelError(
-                f"cache: {type(self.model).__name__}'s forward against its own cache differs from its full "
-                f"forward by {error:.3g} (largest relative row error; {tolerance:g} allowed for "
-                f"{reference.dtype}) where the cache is exact: its cache is not a bidirectional prefix cache "
-                "(e.g. a causal bias with past keys; or dropout: call eval()); sample with cache=None"
+                f"cache: {type(self.model).__name__}'s forward against its own cache ({mode}) differs from its "
+                f"full forward by {error:.3g} (largest relative row error; {tolerance:g} allowed for "
+                f"{reference.dtype}) where the cache is exact: it cannot serve as a bidirectional {mode} cache "
+                "(e.g. a causal bias with past keys, attention masks or position_ids ignored; or dropout: call "
+                "eval()); sample with cache=None"
             )
-        self._cache_verified = True
-        kv_cache.hidden = None
+        self._verified_caches = self._verified_caches | {mode}
 
-    def _run(self, input_ids, attention_mask, *, past=None, use_cache: bool = False):
+    def _run(self, input_ids, attention_mask, *, past=None, use_cache: bool = False, position_ids=None):
         """The model's final hidden states (unshifted) for ``input_ids`` and the cache it returned.
-        ``past``: the cache of the positions before ``input_ids``; ``attention_mask`` covers both."""
+        ``past``: the cache of the other positions; ``attention_mask`` covers the cached keys, then the new."""
         if attention_mask is not None and self._four_d_mask:
             # Key padding as a (B, 1, queries, keys) boolean mask: every query sees exactly the real tokens.
             keys = attention_mask.bool()[:, None, None, :]
@@ -255,6 +280,8 @@ class HFMaskedDiffusionAdapter(nn.Module):
         kwargs = {"use_cache": use_cache or past is not None}
         if past is not None:
             kwargs[cache_keyword(self.model)] = past
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         parent_name, _, attr = self._head_name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         head, recorder = getattr(parent, attr), _RecordInput()

@@ -30,7 +30,7 @@ class MaskedDiffusionLM(Protocol):
     ``attention_mask`` is (B, T) with nonzero entries for real tokens (padding is zero).
 
     Optional, for ``bgpo.rollout.generate(cache=...)``: ``kv_cache_modes``, the caches offered
-    (``("prefix", "dual")`` for ``LLaDAModelLM``, ``("prefix",)`` for the adapter), ``new_kv_cache()``, and
+    (``("prefix", "dual")`` for ``LLaDAModelLM``; the adapter's depend on the model), ``new_kv_cache()``, and
     ``hidden_states`` taking ``kv_cache`` / ``cache_start`` as ``LLaDAModelLM.forward`` does.
     """
 

@@ -208,8 +208,6 @@ class TrainConfig:
         local = self.batch_size // world_size
         _require(r.threshold is None or r.remasking == "low_confidence", "rollout.threshold",
                  f"compares low_confidence probabilities; rollout.remasking={r.remasking!r} has none")
-        _require(r.cache != "dual" or not self.model.hf, "rollout.cache",
-                 "'dual' needs bgpo's LLaDAModelLM; model.hf (HFMaskedDiffusionAdapter) offers 'prefix' only")
         _require(r.batch_size is None or local % r.batch_size == 0, "rollout.batch_size",
                  f"{r.batch_size} does not divide the {local} prompts of a rank")
         _require(p.memory_budget_gib is None or (p.micro_batch_size is None and p.samples_per_forward == 1),

@@ -79,6 +79,10 @@ class Trainer:
                                  mask_token_id=getattr(self.tokenizer, "mask_token_id", None),
                                  eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
         check_tokenizer_matches(self.tokenizer, self.model)
+        modes = tuple(getattr(self.model, "kv_cache_modes", ()))
+        if config.rollout.cache is not None and config.rollout.cache not in modes:
+            raise ValueError(f"rollout.cache: {type(self.model).__name__} offers {modes or 'no KV cache'}, not "
+                             f"{config.rollout.cache!r} (the adapter's dual cache needs a forward with position_ids)")
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
         if config.lora.enabled:
