@@ -97,7 +97,8 @@ def throughput(args) -> list[dict]:
         cpu = time.process_time()
         out = generate(model, prompt, **kwargs, **samplers[name])
         cpu = time.process_time() - cpu
-        base = base if rows else (out, cpu)
+        if not rows:  # the first sampler is the baseline
+            base = (out, cpu)
         same = (out.sequences == base[0].sequences)[:, args.prompt_length:].float().mean().item()
         # The CPU time of this process is less sensitive than the wall time to other jobs on the machine.
         rows.append({"sampler": name, "tokens_per_s": out.tokens_per_second, "forwards_per_answer": out.forwards,

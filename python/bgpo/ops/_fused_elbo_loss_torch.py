@@ -3,9 +3,8 @@
 One (row block x vocabulary tile) of logits at a time: an online logsumexp across tiles in forward, the
 logits recomputed in backward, where each vocabulary tile's grad W is finished in fp32 and written in
 the output dtype at once.  Extra memory O(tile + rows·H + tile width·H), never O(rows·V) nor an fp32
-(V, H) buffer; work proportional to the number of masked rows.  It is the CPU fallback and the backend
-the others are compared with on the same tiles (``tests/test_fused_elbo_loss.py``); the contract of
-``forward`` / ``backward`` is in ``bgpo.ops.fused_elbo_loss``'s docstring.
+(V, H) buffer; work proportional to the number of masked rows.  It is the fallback wherever no compiled
+backend runs; the contract of ``forward`` / ``backward`` is in ``bgpo.ops.fused_elbo_loss``'s docstring.
 """
 from __future__ import annotations
 

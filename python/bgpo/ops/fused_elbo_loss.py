@@ -21,7 +21,7 @@ exactly the per-row coefficient above, so any objective of ``bgpo.objectives`` (
 the fused, logit-free backward.
 
 Backends (``backend=``): ``"torch"`` (``_fused_elbo_loss_torch``: pure PyTorch, one tile of logits of
-the masked rows at a time, the reference the others are tested against), ``"triton"``, ``"cuda"`` and
+the masked rows at a time, the fallback wherever no compiled backend runs), ``"triton"``, ``"cuda"`` and
 ``"cpu"`` (C++) register themselves in ``bgpo.backends`` with the same ``forward``/``backward`` contract:
 
     forward(hidden, weight, bias, targets, masked, elbo_weight, softcap, chunk_size)
@@ -50,6 +50,8 @@ from ._checks import (check_all_values, check_cu_seqlens, check_device, check_in
 __all__ = ["fused_elbo_loss", "fused_elbo", "ElboLoss", "OBJECTIVES"]
 
 OBJECTIVES = ("bgpo", "elbo")
+
+
 class ElboLoss(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     elbo: torch.Tensor  # (B,) fp32, detached: ℓ of this sample (keep it as old_elbo for off-policy updates)
