@@ -64,8 +64,9 @@ void check_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& we
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H, op, ": weight must have shape (V, ", H, "), got ",
               weight.sizes());
   TORCH_CHECK(weight.size(0) > 0, op, ": weight must have at least one row");
-  TORCH_CHECK(weight.scalar_type() == dtype, op, ": weight must have the dtype of hidden (", dtype, "), got ",
-              weight.scalar_type());
+  // An fp32 W with bf16/fp16 rows is autocast's case: its tiles are rounded to hidden's dtype as they are used.
+  TORCH_CHECK(weight.scalar_type() == dtype || weight.scalar_type() == at::kFloat, op,
+              ": weight must have the dtype of hidden (", dtype, ") or float32, got ", weight.scalar_type());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
                 weight.size(0), ",), got ", bias->sizes());
@@ -113,28 +114,43 @@ Gathered gather(const at::Tensor& hidden, const at::Tensor& targets, const at::T
   return g;
 }
 
+// W[v0 : v0 + n] as a GEMM operand in the compute dtype (hidden's): a view of W when it has that dtype,
+// else -- an fp32 W against bf16/fp16 rows, autocast -- the slice rounded to it, so the products are those
+// of autocast's copy of W, which is never made whole.
+at::Tensor weight_tile(const at::Tensor& weight, int64_t v0, int64_t n, at::ScalarType compute) {
+  const at::Tensor w = weight.narrow(0, v0, n);
+  return w.scalar_type() == compute ? w : w.to(compute);
+}
+
 // (n, V) fp32 logits of the forward into `out` (contiguous) from rows h (n, H) and weight (V, H).
 // CPU GEMMs with bf16/fp16 operands run in fp32 on vocabulary blocks of the weight converted on the fly
-// (at most kCpuWeightBlockElements, 16 MB): exact inputs, fp32 accumulation.  There is no mixed-dtype GEMM
-// on the CPU; on CUDA cuBLAS takes bf16/fp16 operands and accumulates and writes fp32.
-constexpr int64_t kCpuWeightBlockElements = int64_t{1} << 22;
+// (at most kWeightBlockElements, 16 MB): exact inputs, fp32 accumulation.  There is no mixed-dtype GEMM
+// on the CPU; on CUDA cuBLAS takes bf16/fp16 operands and accumulates and writes fp32, on the whole W
+// unless W is fp32 (autocast): then on blocks of it rounded to the rows' dtype.
+constexpr int64_t kWeightBlockElements = int64_t{1} << 22;
 
 void forward_logits(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight) {
-  if (h.scalar_type() == at::kFloat) {
+  const auto compute = h.scalar_type();
+  if (compute == at::kFloat) {
     at::mm_out(out, h, weight.t());
     return;
   }
-  if (h.is_cuda()) {
+  if (h.is_cuda() && weight.scalar_type() == compute) {
     at::mm_out(out, h, weight.t(), at::kFloat);
     return;
   }
-  const at::Tensor h32 = h.to(at::kFloat);
+  const at::Tensor rows = h.is_cuda() ? h : h.to(at::kFloat);
   const int64_t V = weight.size(0);
-  const int64_t block = std::max<int64_t>(1, std::min(V, kCpuWeightBlockElements / weight.size(1)));
+  const int64_t block = std::max<int64_t>(1, std::min(V, kWeightBlockElements / weight.size(1)));
   for (int64_t start = 0; start < V; start += block) {
     const int64_t n = std::min(block, V - start);
     at::Tensor out_block = out.narrow(1, start, n);
-    at::mm_out(out_block, h32, weight.narrow(0, start, n).to(at::kFloat).t());
+    const at::Tensor w = weight_tile(weight, start, n, compute);
+    if (h.is_cuda()) {
+      at::mm_out(out_block, rows, w.t(), at::kFloat);
+    } else {
+      at::mm_out(out_block, rows, w.to(at::kFloat).t());
+    }
   }
 }
 
@@ -182,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden, const at::T
       const int64_t n = std::min(t.rows, g.n - start);
       at::Tensor logits = block_view(buffer, n, V);
       forward_logits(logits, g.h.narrow(0, start, n), weight);
-      RowChunk c = make_chunk(logits, bias_c, weight.scalar_type(), g.y.const_data_ptr<int64_t>() + start, V, 0,
+      RowChunk c = make_chunk(logits, bias_c, hidden.scalar_type(), g.y.const_data_ptr<int64_t>() + start, V, 0,
                               cap_of(softcap));
       c.lse = lse_rows.mutable_data_ptr<float>() + start;
       c.logp = logp_rows.mutable_data_ptr<float>() + start;
@@ -215,13 +231,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                   lse.device() == hidden.device(),
               "fused_elbo_loss_bwd: lse must be a float32 tensor of shape (", B, ", ", L, ")");
   TORCH_CHECK(!need_bias || bias.has_value(), "fused_elbo_loss_bwd: need_bias without a bias");
-  const auto dtype = weight.scalar_type();
+  const auto dtype = hidden.scalar_type();  // the compute dtype (W may be fp32 under autocast)
   const auto f32 = hidden.options().dtype(at::kFloat);
   // A distinct empty tensor per missing gradient: outputs of an operator must not alias each other.
   const auto empty = [&] { return at::empty({0}, weight.options()); };
   at::Tensor grad_hidden = need_hidden ? at::zeros({B, L, H}, hidden.options()) : empty();
   at::Tensor grad_weight = need_weight ? at::empty({V, H}, weight.options()) : empty();
-  at::Tensor grad_bias = need_bias ? at::empty({V}, weight.options()) : empty();
+  at::Tensor grad_bias = need_bias ? at::empty({V}, bias->options()) : empty();
   const Gathered g = gather(hidden, targets, masked);
   if (g.n == 0 || !(need_hidden || need_weight || need_bias)) {
     grad_weight.zero_();
@@ -245,12 +261,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor buffer = at::empty({t.rows * t.width}, f32);
   // On CUDA bf16/fp16, the GEMMs take dz rounded to the input dtype; the fp32 dz is kept only for grad bias.
   const bool need_low = cuda_low && (need_hidden || need_weight);
-  const at::Tensor low_buffer = need_low ? at::empty({t.rows * t.width}, weight.options()) : at::Tensor();
+  const at::Tensor low_buffer = need_low ? at::empty({t.rows * t.width}, hidden.options()) : at::Tensor();
   const bool need_f32 = !need_low || need_bias;
 
   for (int64_t v0 = 0; v0 < V; v0 += t.width) {
     const int64_t vn = std::min(t.width, V - v0);
-    const at::Tensor w = cpu_low ? weight.narrow(0, v0, vn).to(at::kFloat) : weight.narrow(0, v0, vn);
+    const at::Tensor w_tile = weight_tile(weight, v0, vn, dtype);
+    const at::Tensor w = cpu_low ? w_tile.to(at::kFloat) : w_tile;
     at::Tensor grad_w_tile = need_weight ? grad_weight.narrow(0, v0, vn) : at::Tensor();
     at::Tensor grad_w_acc = need_weight && !one_block ? at::zeros({vn, H}, f32) : at::Tensor();
     at::Tensor grad_b_acc = need_bias ? at::zeros({vn}, f32) : at::Tensor();
@@ -290,7 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         }
       } else if (need_weight) {
         if (cpu_low) {
-          grad_w_tile.copy_(at::mm(d.t(), hr));  // fp32 tile (Vt x H), rounded once
+          grad_w_tile.copy_(at::mm(d.t(), hr));  // fp32 tile (Vt x H), rounded once (or kept: fp32 W)
+        } else if (cuda_low && grad_weight.scalar_type() != dtype) {
+          at::mm_out(grad_w_tile, d.t(), hr, at::kFloat);  // fp32 W (autocast): its fp32 gradient, not rounded
         } else {
           at::mm_out(grad_w_tile, d.t(), hr);  // straight into grad W (cuBLAS: fp32 accumulation)
         }

@@ -36,7 +36,7 @@ struct RowChunk {
   void* grad_low;         // optional (n_rows, width) of `dtype`: dz rounded to the input dtype.
   bool write_grad_f32;    // whether dz is written in place into `logits` (backward).
   const void* bias;       // optional (vocab,) of `dtype`, read at v0 + j.
-  at::ScalarType dtype;   // dtype of hidden / weight / bias.
+  at::ScalarType dtype;   // the compute dtype: hidden's and bias's (W's too, unless fp32 under autocast).
   const int64_t* targets;  // (n_rows,) target ids.  Out of [0, vocab): TORCH_CHECK (CPU), device assert (CUDA).
   int64_t n_rows;
   int64_t vocab;          // V, for the target check

@@ -298,6 +298,12 @@ def test_cpp_fused_op_rejects_bad_arguments():
         ops.fused_elbo_loss_fwd(hidden, weight, b, bad, masked, w, None, 0)
     with pytest.raises(RuntimeError, match="dtype"):
         ops.fused_elbo_loss_fwd(hidden, weight.double(), b, targets, masked, w, None, 0)
+    # bf16 rows take their own dtype or an fp32 W (autocast, rounded per block): not another half type
+    with pytest.raises(RuntimeError, match=r"weight must have the dtype of hidden \(BFloat16\) or float32"):
+        ops.fused_elbo_loss_fwd(hidden.bfloat16(), weight.half(), b, targets, masked, w, None, 0)
+    rounded = ops.fused_elbo_loss_fwd(hidden.bfloat16(), weight, b, targets, masked, w, None, 0)[0]
+    torch.testing.assert_close(rounded, ops.fused_elbo_loss_fwd(hidden.bfloat16(), weight.bfloat16(), b, targets,
+                                                                masked, w, None, 0)[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="softcap"):
         ops.fused_elbo_loss_fwd(hidden, weight, b, targets, masked, w, -1.0, 0)
 

@@ -118,20 +118,24 @@ def _elbo_workspace_bytes(cuda, phase, hidden, weight, chunk_size, need_weight=F
     of the chunk's rows and of one 2**22-element weight block.  Backward: an R x Vt fp32 tile (plus its
     bf16/fp16 copy on CUDA), grad h's (N, H) fp32 accumulator and its cast; an fp32 Vt x H grad-W tile
     when the rows take more than one block (or always on the CPU for bf16/fp16, with the fp32 copies of
-    the rows and of the weight tile).  No (V, H) buffer on either device.
+    the rows and of the weight tile).  An fp32 W with bf16/fp16 rows (autocast) adds the rounded copy of
+    one weight block (forward: 2**22 elements) or tile (backward).  No (V, H) buffer on either device.
     """
     B, L, H = hidden.shape
     V = weight.shape[0]
     N = B * L
-    size = weight.element_size()
-    cpu_low = weight.dtype != torch.float32 and not cuda
+    size = hidden.element_size()  # the compute dtype's
+    low = hidden.dtype != torch.float32
+    cpu_low = low and not cuda
+    rounded = weight.dtype != hidden.dtype  # W's blocks or tiles rounded to the compute dtype
     rows, width = _op("fused_elbo_loss_tiles")(phase == "backward", N, V, H, chunk_size, cuda)
     gathered = N * 16 + N * H * size + N * 8 + 2 * N * 4  # index (N, 2), h, y, lse and logp/coef
     if phase == "forward":
-        cpu_copies = rows * H * 4 + min(V, max(1, 2**22 // H)) * H * 4 if cpu_low else 0
-        return gathered + rows * V * 4 + cpu_copies + B * L * 4  # + the (B, L) log-p before its sum
-    total = gathered + rows * width * 4 + N * H * 4 + N * H * size * (weight.dtype != torch.float32)
-    if cuda and weight.dtype != torch.float32:
+        block = min(V, max(1, 2**22 // H)) * H
+        copies = rows * H * 4 + block * 4 if cpu_low else 0
+        return gathered + rows * V * 4 + copies + block * size * rounded + B * L * 4  # + (B, L) log-p
+    total = gathered + rows * width * 4 + N * H * 4 + N * H * size * low + width * H * size * rounded
+    if cuda and low:
         total += rows * width * size
     if cpu_low:
         total += N * H * 4 + width * H * 4
@@ -166,7 +170,8 @@ def load() -> bool:
     register_backend("random_mask", Backend("cuda", _random_mask_impl, _cuda_available))
     def elbo(cuda):
         return SimpleNamespace(forward=_elbo_forward, backward=_elbo_backward,
-                               workspace_bytes=functools.partial(_elbo_workspace_bytes, cuda))
+                               workspace_bytes=functools.partial(_elbo_workspace_bytes, cuda),
+                               weight_dtype_free=True)  # an fp32 W is rounded per block/tile (autocast)
     register_backend("fused_elbo_loss", Backend("cpu", elbo(False), _cpu_available, auto=CPU_AUTO["fused_elbo_loss"]))
     register_backend("fused_elbo_loss", Backend("cuda", elbo(True), _cuda_available))
     return True
