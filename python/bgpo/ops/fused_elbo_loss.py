@@ -234,14 +234,14 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def _autocast_operands(hidden, weight, bias, impl, dtype: torch.dtype | None):
     """Under autocast for the tensors' device, the operands in the autocast dtype, as a matmul's would be (as
-    Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype).  A backend that rounds W's
-    tiles to hidden's dtype itself (``impl.weight_dtype_free``: torch, triton) gets W as it is -- the same
-    products, no (V, H) copy of W, and grad W straight from its fp32 accumulators; the others (C++/CUDA)
-    get a cast copy of W, held from forward to backward.  (``.to`` of a tensor already in ``dtype`` is the
-    tensor itself.)"""
+    Cut Cross-Entropy does; differentiable, so gradients keep the inputs' dtype).  An fp32 W goes as it is
+    to a backend that rounds it to hidden's dtype piece by piece itself (``impl.weight_dtype_free``: all of
+    bgpo's) -- the same products, no (V, H) copy of W, and grad W from fp32 sums; any other W, or another
+    backend, gets a cast copy, held from forward to backward.  (``.to`` of a tensor already in ``dtype`` is
+    the tensor itself.)"""
     if dtype is None:
         return hidden, weight, bias
-    if not getattr(impl, "weight_dtype_free", False):
+    if weight.dtype != torch.float32 or not getattr(impl, "weight_dtype_free", False):
         weight = weight.to(dtype)
     return hidden.to(dtype), weight, None if bias is None else bias.to(dtype)
 
