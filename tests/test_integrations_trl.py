@@ -74,7 +74,8 @@ def test_dual_cache_refused_for_a_model_without_position_ids(tmp_path, monkeypat
     from bgpo.models import HFMaskedDiffusionAdapter
 
     monkeypatch.setattr(HFMaskedDiffusionAdapter, "kv_cache_modes", ("prefix",))  # as for LLaDA's remote code
-    with pytest.raises(ValueError, match=r"sampler_cache: LlamaForCausalLM offers \('prefix',\) .*not 'dual'"):
+    with pytest.raises(ValueError, match=r"sampler_cache: HFMaskedDiffusionAdapter offers the KV caches \('prefix',\), "
+                                         r"not 'dual'"):
         trl_tiny.trainer(tmp_path, sampler_cache="dual")
 
 

@@ -35,8 +35,8 @@ Accelerated sampling (Fast-dLLM; approximate, opt-in):
 
 * ``cache="prefix"``: the first forward of each block runs the whole sequence and stores every layer's
   keys and values (``model.new_kv_cache()``: ``bgpo.models.attention.KVCache`` for ``LLaDAModelLM``, the
-  model's own cache for the Hugging Face adapter, see ``bgpo.models.adapter_cache``); the block's later steps run only the current
-  block and everything after it, attending to the stored keys and values of the prompt and finished
+  model's own cache for the Hugging Face adapter, see ``bgpo.models.adapter_cache``); the block's later
+  steps run only the current block and everything after it, attending to the stored keys and values of the prompt and finished
   blocks.  ``cache="dual"`` runs only the current block, the suffix's keys and values being stored too.
   The cached keys and values are those of the sequence at the block's first step: exact for that
   step, stale afterwards (bidirectional attention: a prompt token's key depends on the response).
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from .ops._checks import check_real
 
 
-__all__ = ["generate", "GenerationOutput", "transfer_schedule", "REMASKING", "CACHES"]
+__all__ = ["generate", "GenerationOutput", "transfer_schedule", "check_cache_offered", "REMASKING", "CACHES"]
 
 REMASKING = ("low_confidence", "random")
 CACHES = (None, "prefix", "dual")
@@ -101,6 +101,20 @@ def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def check_cache_offered(name: str, model, cache: str | None) -> None:
+    """``cache`` (None or one of CACHES) is among the ``kv_cache_modes`` the model offers; the error names
+    ``name`` (the argument or config key that asked for it)."""
+    if cache not in CACHES:
+        raise ValueError(f"{name}: expected one of {CACHES}, got {cache!r}")
+    modes = tuple(getattr(model, "kv_cache_modes", ()))
+    if cache is not None and cache not in modes:
+        raise ValueError(
+            f"{name}: {type(model).__name__} offers {'the KV caches ' + repr(modes) if modes else 'no KV cache'}, "
+            f"not {cache!r}; use one of those, None, or bgpo.models.LLaDAModelLM (prefix and dual; the Hugging "
+            "Face adapter's dual cache needs a forward that takes position_ids)"
+        )
 
 
 def _generator(seed, device: torch.device) -> torch.Generator | None:
@@ -254,18 +268,10 @@ def generate(
     check_real("cfg_scale", cfg_scale, nonnegative=True)
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
-    if cache not in CACHES:
-        raise ValueError(f"cache: expected one of {CACHES}, got {cache!r}")
-    modes = tuple(getattr(model, "kv_cache_modes", ()))
-    if cache is not None and cache not in modes:
-        raise ValueError(
-            f"cache: {type(model).__name__} offers {'the KV caches ' + repr(modes) if modes else 'no KV cache'}, "
-            f"not {cache!r}; use one of those, cache=None, or bgpo.models.LLaDAModelLM (prefix and dual)"
-        )
+    check_cache_offered("cache", model, cache)
     check_real("threshold", threshold, interval=(0, 1), optional=True)  # a probability
-    if threshold is not None:
-        if remasking != "low_confidence":
-            raise ValueError(f"threshold: compares low_confidence probabilities; remasking={remasking!r} has none")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError(f"threshold: compares low_confidence probabilities; remasking={remasking!r} has none")
     mask_id = model.mask_token_id if mask_id is None else mask_id
     eos_id = model.eos_token_id if eos_id is None else eos_id
     if suppress_eos and eos_id is None:

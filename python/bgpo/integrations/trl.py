@@ -65,15 +65,12 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
 from ..models import HFMaskedDiffusionAdapter
 from ..objectives import MAX_LOG_RATIO, SPG_NEGATIVE, k3
 from ..ops._checks import check_real
+from ..ops.random_mask import SCHEMES
 from ..policy_update import OBJECTIVES, PolicyBatch, accumulate_policy_gradient, old_policy_elbos
 from ..policy_update import old_policy_token_logprobs
-from ..rollout import generate
+from ..rollout import CACHES, REMASKING, check_cache_offered, generate
 
 __all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer"]
-
-MASK_SCHEMES = ("stratified", "bernoulli")
-REMASKING = ("low_confidence", "random")
-HF_CACHES = (None, "prefix", "dual")  # dual: when the model's forward takes position_ids
 
 
 @dataclass
@@ -92,7 +89,7 @@ class DiffusionGRPOConfig(GRPOConfig):
     num_mc_samples: int = field(
         default=16, metadata={"help": "n_t: Monte Carlo samples of the ELBO per response (BGPO paper: 16)."}
     )
-    mask_scheme: str = field(default="stratified", metadata={"help": f"Masking scheme, one of {MASK_SCHEMES}."})
+    mask_scheme: str = field(default="stratified", metadata={"help": f"Masking scheme, one of {SCHEMES}."})
     mc_micro_batch_size: int | None = field(
         default=None, metadata={"help": "Responses per forward inside a step (default: the whole step)."}
     )
@@ -130,15 +127,15 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
         if self.num_mc_samples < 1:
             raise ValueError(f"num_mc_samples: expected an int >= 1, got {self.num_mc_samples!r}")
-        if self.mask_scheme not in MASK_SCHEMES:
-            raise ValueError(f"mask_scheme: expected one of {MASK_SCHEMES}, got {self.mask_scheme!r}")
+        if self.mask_scheme not in SCHEMES:
+            raise ValueError(f"mask_scheme: expected one of {SCHEMES}, got {self.mask_scheme!r}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking: expected one of {REMASKING}, got {self.remasking!r}")
         check_real("sampler_threshold", self.sampler_threshold, interval=(0, 1), optional=True)  # a probability
         if self.sampler_threshold is not None and self.remasking != "low_confidence":
             raise ValueError(f"sampler_threshold: compares low_confidence probabilities; remasking={self.remasking!r}")
-        if self.sampler_cache not in HF_CACHES:
-            raise ValueError(f"sampler_cache: expected one of {HF_CACHES}, got {self.sampler_cache!r}")
+        if self.sampler_cache not in CACHES:  # whether the model offers it is known with the model (trainer)
+            raise ValueError(f"sampler_cache: expected one of {CACHES}, got {self.sampler_cache!r}")
         if self.spg_negative not in SPG_NEGATIVE:
             raise ValueError(f"spg_negative: expected one of {SPG_NEGATIVE}, got {self.spg_negative!r}")
         if self.mc_micro_batch_size is not None and self.mc_micro_batch_size < 1:
@@ -232,9 +229,7 @@ class DiffusionGRPOTrainer(GRPOTrainer):
             )
         self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         self.policy = HFMaskedDiffusionAdapter(self.model, tokenizer=self._tokenizer, mask_token_id=args.mask_id)
-        if args.sampler_cache is not None and args.sampler_cache not in self.policy.kv_cache_modes:
-            raise ValueError(f"sampler_cache: {type(self.model).__name__} offers {self.policy.kv_cache_modes} (the "
-                             f"dual cache needs a forward that takes position_ids), not {args.sampler_cache!r}")
+        check_cache_offered("sampler_cache", self.policy, args.sampler_cache)
         self.kl_beta = kl_beta
         self.reference = None if reference is None else HFMaskedDiffusionAdapter(
             reference.to(self.accelerator.device), tokenizer=self._tokenizer, mask_token_id=args.mask_id)

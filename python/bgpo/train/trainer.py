@@ -38,7 +38,7 @@ from ..models import find_blocks
 from ..packing import supports_packing
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
 from ..rewards import get_reward
-from ..rollout import generate
+from ..rollout import check_cache_offered, generate
 from .checkpoint import complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, save_weights
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
@@ -79,10 +79,7 @@ class Trainer:
                                  mask_token_id=getattr(self.tokenizer, "mask_token_id", None),
                                  eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
         check_tokenizer_matches(self.tokenizer, self.model)
-        modes = tuple(getattr(self.model, "kv_cache_modes", ()))
-        if config.rollout.cache is not None and config.rollout.cache not in modes:
-            raise ValueError(f"rollout.cache: {type(self.model).__name__} offers {modes or 'no KV cache'}, not "
-                             f"{config.rollout.cache!r} (the adapter's dual cache needs a forward with position_ids)")
+        check_cache_offered("rollout.cache", self.model, config.rollout.cache)
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
         if config.lora.enabled:
