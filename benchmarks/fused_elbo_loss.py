@@ -56,6 +56,10 @@ CPU_DEFAULTS = dict(batch=4, length=128, hidden=256, vocab=126464, dtype="fp32")
 PEAKED_GPU_BATCHES = (8, 64)  # N ≈ 2048 and ≈ 16384 masked rows at L = 512, half masked
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, the vendors' specs, by a substring of the device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+CCE_DEFAULT = "Cut Cross-Entropy (default)"
+# Issue 12's GPU targets, forward + backward at N ≈ 2048: at most CCE's default time, no more extra memory
+# than it, at least half of the device's dense bf16 peak.
+TARGET_SHARE_OF_PEAK = 0.5
 
 
 def parse_args(argv=None):
@@ -136,12 +140,15 @@ def peer_cases(args, inputs):
     except ImportError:
         print("Cut Cross-Entropy: not installed (pip install cut-cross-entropy)")
     else:
-        # on a GPU its default (gradient filtering) and exact variants; on the CPU its torch.compile path
-        for impl in ("cce", "cce_exact") if args.device.type == "cuda" else ("torch_compile",):
-            def cut_ce(impl=impl):
+        # On a GPU its default call (Triton, gradient filtering) and its exact variant (filter_eps=None: the
+        # PyPI release 25.1.1 has no impl="cce_exact"); on the CPU its torch.compile path.
+        variants = ({CCE_DEFAULT: {}, "Cut Cross-Entropy (exact: filter_eps=None)": {"filter_eps": None}}
+                    if args.device.type == "cuda" else {"Cut Cross-Entropy (torch_compile)": {"impl": "torch_compile"}})
+        for name, options in variants.items():
+            def cut_ce(options=options):
                 h, y = gathered()
-                return cce(h, weight, y, reduction="sum", impl=impl)
-            cases[f"Cut Cross-Entropy ({impl})"] = cut_ce
+                return cce(h, weight, y, reduction="sum", **options)
+            cases[name] = cut_ce
     if args.device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -308,10 +315,51 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fused_elbo_loss_{args.device.type}{'_peaked' if args.peaked else ''}.json"
     config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    targets = issue_targets(rows)
+    print_targets(targets)
     path.write_text(json.dumps({"config": config | {"torch": torch.__version__, "device_name": device_name,
-                                                   "bf16_peak_tflops": peak_tflops}, "rows": rows}, indent=2))
+                                                   "bf16_peak_tflops": peak_tflops},
+                                "rows": rows, "targets": targets}, indent=2))
     print(f"\nwrote {path}")
     return rows
+
+
+def issue_targets(rows):
+    """Issue 12's GPU targets for each bgpo backend, forward + backward, per batch: time and extra memory
+    against Cut Cross-Entropy's default call on the same rows, and the share of the bf16 peak.  A target
+    that cannot be judged (CCE absent, no peak known for the device, a failed row) is None, never met."""
+    full = [r for r in rows if r["pass"] == "fwd+bwd" and "error" not in r]
+    targets = []
+    for batch in sorted({r["batch"] for r in full}):
+        at = {r["method"]: r for r in full if r["batch"] == batch}
+        cce = at.get(CCE_DEFAULT)
+        for method, row in at.items():
+            if not method.startswith("bgpo"):
+                continue
+            share = row["share_of_bf16_peak"]
+            targets.append({
+                "method": method, "batch": batch, "masked_rows": row["masked_rows"],
+                "time_vs_cce_default": None if cce is None else row["median_ms"] / cce["median_ms"],
+                "extra_mib_minus_cce_default": None if cce is None else row["extra_mib"] - cce["extra_mib"],
+                "share_of_bf16_peak": share,
+                "time_met": None if cce is None else row["median_ms"] <= cce["median_ms"],
+                "memory_met": None if cce is None else row["extra_mib"] <= cce["extra_mib"],
+                "peak_met": None if share is None else share >= TARGET_SHARE_OF_PEAK,
+            })
+    return targets
+
+
+def print_targets(targets):
+    if not targets:
+        return
+    print(f"\nissue 12's targets, forward + backward (time and extra memory <= {CCE_DEFAULT}; "
+          f">= {TARGET_SHARE_OF_PEAK:.0%} of the bf16 peak); '-': not judged")
+    mark = {True: "met", False: "MISSED", None: "-"}
+    for t in targets:
+        ratio = "-" if t["time_vs_cce_default"] is None else f"{t['time_vs_cce_default']:.2f}x"
+        share = "-" if t["share_of_bf16_peak"] is None else f"{t['share_of_bf16_peak']:.0%}"
+        print(f"  {t['method']:<14} N={t['masked_rows']:<6} time {ratio:>6} of CCE ({mark[t['time_met']]}), "
+              f"extra memory ({mark[t['memory_met']]}), {share} of peak ({mark[t['peak_met']]})")
 
 
 def _no_grad(loss):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 import torch
 
-__all__ = ["register", "available"]
+__all__ = ["register", "available", "interpreter_reason"]
 
 
 def available(device: torch.device) -> str | None:
@@ -33,12 +34,38 @@ def available(device: torch.device) -> str | None:
                     "TRITON_INTERPRET=1 was set after the Triton kernels were loaded for the GPU; "
                     "set it before the first call that runs them (before importing triton)"
                 )
-            return None
+            return interpreter_reason()
         return (
             "the Triton kernels need CUDA tensors; to run them on the CPU, set TRITON_INTERPRET=1 "
             "in the environment before triton is imported (Triton's interpreter, slow: for tests)"
         )
     return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+
+
+def interpreter_reason(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """None if Triton's interpreter can run the kernels with these releases (default: the installed ones).
+
+    Triton 3.6's interpreter turns a one-element array into a Python int with ``int(array)`` (3.8 squeezes
+    it first), which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"):
+    every kernel whose loop bounds come from a program id then fails (measured: 3.6.0 with numpy 2.4.6
+    fails, with 2.3.5 passes the op tests)."""
+    if triton_version is None or numpy_version is None:
+        import numpy
+        import triton  # only asked under TRITON_INTERPRET=1: importing triton then loads the interpreter
+
+        triton_version, numpy_version = triton_version or triton.__version__, numpy_version or numpy.__version__
+    if _release(triton_version) < (3, 8) and _release(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run under numpy {numpy_version} (it converts "
+            "one-element arrays to scalars, which numpy >= 2.4 refuses): install numpy<2.4 or triton>=3.8"
+        )
+    return None
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    major, minor = re.match(r"(\d+)(?:\.(\d+))?", version).groups()
+    return int(major), int(minor or 0)
 
 
 def _compiled_for_gpu() -> bool:

@@ -10,6 +10,8 @@
 # benchmarks/fused_elbo_loss.py --peaked, and writes OUTDIR/gpu_check.log and OUTDIR/gpu_check.json.
 # Each stage runs under `timeout`; the whole check ends within BGPO_GPU_CHECK_SECONDS (default 540 = 9 min).
 # Without a GPU it writes {"status": "skipped", ...} and exits 0.  --no-install skips the install stage.
+# Wheels in BGPO_GPU_CHECK_WHEELS (default .whl: scripts/gpu_wheels.sh fetches the benchmark's peers) are
+# installed first, into a temporary folder put first on PYTHONPATH; the JSON's environment names them.
 # PYTHON (default python3) is the interpreter that holds torch.
 set -u
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [--no-install]}
@@ -28,6 +30,20 @@ START=$(date +%s)
 cd "$ROOT" || exit 1
 
 say() { echo "gpu_check: $*" | tee -a "$LOG"; }
+
+# Wheels carried to a machine without network (scripts/gpu_wheels.sh: the benchmark's peers), installed
+# into a folder of their own, first on PYTHONPATH; the environment line below names what they hold.
+WHEELS=${BGPO_GPU_CHECK_WHEELS:-$ROOT/.whl}
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/bgpo_gpu_check_site.XXXXXX")
+trap 'rm -rf "$SITE"' EXIT
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    if timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" \
+            "$WHEELS"/*.whl >>"$LOG" 2>&1; then
+        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    else
+        say "the wheels in $WHEELS did not install (see above): the benchmark runs without them"
+    fi
+fi
 
 # stage NAME SECONDS CMD...: run CMD under timeout (at most what is left of the budget, less 20 s for the
 # summary), log its output, record "name rc seconds" in stages.tsv.
@@ -50,7 +66,7 @@ stage() {
 }
 
 # The machine: torch, Triton, the GPU (one line of JSON).
-ENV_JSON=$(timeout 120 "$PY" - <<'EOF' 2>>"$LOG"
+ENV_JSON=$(BGPO_GPU_CHECK_SITE=$SITE timeout 120 "$PY" - <<'EOF' 2>>"$LOG"
 import json
 info = {}
 try:
@@ -67,6 +83,9 @@ try:
     info["triton"] = triton.__version__
 except Exception as error:
     info["triton_error"] = repr(error)
+import os
+from importlib.metadata import distributions
+info["carried"] = {d.metadata["Name"]: d.version for d in distributions(path=[os.environ["BGPO_GPU_CHECK_SITE"]])}
 print(json.dumps(info))
 EOF
 )

@@ -87,6 +87,31 @@ def test_fused_elbo_loss_benchmark_peaked(tmp_path):
     assert full["tflops"] == pytest.approx(8 * N * 32 * 1000 / (full["median_ms"] * 1e-3) / 1e12)
     saved = json.loads((tmp_path / "fused_elbo_loss_cpu_peaked.json").read_text())
     assert saved["config"]["peaked"] and saved["config"]["bf16_peak_tflops"] is None
+    # no CCE row and no peak on the CPU: every target is written down and none is judged met
+    assert [t["method"] for t in saved["targets"]] == ["bgpo (torch)"]
+    assert all(saved["targets"][0][k] is None for k in ("time_met", "memory_met", "peak_met"))
+
+
+def test_issue_targets_judge_each_backend_against_cce_default():
+    """Issue 12's GPU targets from a benchmark's rows: time and extra memory against CCE's default call at
+    the same batch, share of the bf16 peak >= 50 %; what cannot be judged is None, never met."""
+    bench = _load("fused_elbo_loss")
+
+    def row(method, batch, ms, extra, share, pass_="fwd+bwd"):
+        return {"method": method, "pass": pass_, "batch": batch, "masked_rows": 256 * batch, "median_ms": ms,
+                "extra_mib": extra, "share_of_bf16_peak": share}
+
+    rows = [row("bgpo (triton)", 8, 9.0, 100.0, 0.62), row("bgpo (cuda)", 8, 12.0, 90.0, 0.46),
+            row(bench.CCE_DEFAULT, 8, 10.0, 95.0, 0.55), row("bgpo (triton)", 8, 1.0, 1.0, 0.9, pass_="fwd"),
+            row("bgpo (triton)", 64, 70.0, 700.0, None),
+            {"method": "bgpo (torch)", "pass": "fwd+bwd", "batch": 64, "masked_rows": 16384, "error": "OOM"}]
+    targets = {(t["method"], t["batch"]): t for t in bench.issue_targets(rows)}
+    assert set(targets) == {("bgpo (triton)", 8), ("bgpo (cuda)", 8), ("bgpo (triton)", 64)}
+    triton, cuda, large = targets["bgpo (triton)", 8], targets["bgpo (cuda)", 8], targets["bgpo (triton)", 64]
+    assert triton["time_vs_cce_default"] == pytest.approx(0.9) and triton["extra_mib_minus_cce_default"] == 5.0
+    assert (triton["time_met"], triton["memory_met"], triton["peak_met"]) == (True, False, True)
+    assert (cuda["time_met"], cuda["memory_met"], cuda["peak_met"]) == (False, True, False)
+    assert large["time_vs_cce_default"] is None and large["time_met"] is None and large["peak_met"] is None
 
 
 def test_rollout_benchmark_cache_and_threshold_save_forwards(tmp_path):

@@ -1,8 +1,11 @@
 """scripts/gpu_check.sh runs on a machine without a GPU and says, in its JSON, that it skipped."""
+import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
@@ -17,9 +20,50 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     assert summary["status"] == "skipped" and "no GPU" in summary["reason"]
     assert summary["environment"]["cuda_available"] is False and summary["environment"]["torch"]
     assert summary["stages"] == [] and summary["tests"] is None  # nothing was run, nothing claimed
+    assert summary["environment"]["carried"] == {}  # no wheels to carry
     assert "environment:" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel of one module (what pip needs: METADATA, WHEEL and a hashed RECORD)."""
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()}"
+              f",{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, text in files.items():
+            wheel.writestr(member, text)
+    return path
+
+
+def test_gpu_check_installs_the_carried_wheels(tmp_path):
+    """The wheels of BGPO_GPU_CHECK_WHEELS (scripts/gpu_wheels.sh: the benchmark's peers, for a machine without
+    network) are installed before anything runs, and the environment names them."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "bgpo_fake_peer", "1.2.3")
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "BGPO_GPU_CHECK_WHEELS": str(wheels),
+           "TMPDIR": str(tmp_path)}
+    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--no-install"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert summary["environment"]["carried"] == {"bgpo_fake_peer": "1.2.3"}
+    assert not list(tmp_path.glob("bgpo_gpu_check_site.*"))  # the temporary install is removed on exit
 
 
 def test_gpu_check_needs_an_outdir():
     run = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "usage" in run.stderr
+
+
+def test_check_release_needs_its_releases():
+    """scripts/check_release.sh TORCH TRITON [NUMPY_SPEC]: without them, a usage line and nothing installed."""
+    script = SCRIPT.parent / "check_release.sh"
+    for argv in ([], ["2.11.0"]):
+        run = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0 and "usage: scripts/check_release.sh TORCH TRITON" in run.stderr

@@ -771,3 +771,17 @@ def test_kernels_compile_for_the_gpu_without_spills(arch, tmp_path):
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_interpreter_refused_where_its_release_cannot_run(monkeypatch):
+    """Triton 3.6's interpreter fails on every kernel under numpy >= 2.4 (int() of a one-element array):
+    available() says so, naming both releases and the fix, instead of an error deep in the interpreter."""
+    reason = bgpo_kernels.interpreter_reason("3.6.0", "2.4.6")
+    assert "3.6.0" in reason and "2.4.6" in reason and "numpy<2.4" in reason and "triton>=3.8" in reason
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.8.0", "2.4.6"), ("3.8.1+git1a2b", "2.5.0rc1"),
+                                          ("3.6.0", "1.26.4")):
+        assert bgpo_kernels.interpreter_reason(triton_version, numpy_version) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bgpo_kernels, "_compiled_for_gpu", lambda: False)
+    monkeypatch.setattr(bgpo_kernels, "interpreter_reason", lambda: "the interpreter cannot run")
+    assert bgpo_kernels.available(torch.device("cpu")) == "the interpreter cannot run"
