@@ -12,7 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
 def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a GPU machine
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",  # no GPU, even on a GPU machine
+           "BGPO_GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}  # whatever .whl/ holds here
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--no-install"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
