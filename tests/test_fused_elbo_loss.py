@@ -165,12 +165,13 @@ def test_autocast_takes_operands_of_different_dtypes(backend):
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in available_backends("fused_elbo_loss", "cpu")])
 def test_autocast_makes_no_copy_of_the_weight(backend):
-    """An fp32 LM head under bf16 autocast (V = 16384, H = 256, 32 masked rows): forward and backward stay
-    within the workspace the backend declares for it, which rounds W per tile or block (the C++ CPU path
-    works on blocks of 2**22 elements, all of W at this size); the torch backend's tiles peak far below the
-    8 MiB bf16 copy that casting W would make.  W's gradient comes back in fp32.  (Triton's interpreter
-    copies tensors of its own; its kernels round W's tiles in registers.)"""
-    v, h = 16384, 256
+    """An fp32 LM head under bf16 autocast (H = 256, 32 masked rows): forward and backward stay within the
+    workspace the backend declares for it, which rounds W per tile or block, and below the bf16 copy that
+    casting W would make (the torch backend's tiles far below it, at V = 16384; the C++ CPU path rounds
+    blocks of 2**22 elements, so it runs at V = 131072, eight blocks, where the copy is 64 MiB).  W's
+    gradient comes back in fp32.  (Triton's interpreter copies tensors of its own; its kernels round W's
+    tiles in registers.)"""
+    v, h = (131072 if backend == "cpu" else 16384), 256
     hidden = torch.randn(1, 64, h, requires_grad=True)
     weight = (torch.randn(v, h) * h**-0.5).requires_grad_()
     masked = torch.zeros(1, 64, dtype=torch.bool)
@@ -187,6 +188,7 @@ def test_autocast_makes_no_copy_of_the_weight(backend):
     cast = hidden.numel() * 2  # the bf16 hidden, held for backward
     assert forward.peak_bytes <= declared("forward", seen, weight, 0) + cast + 2**16
     assert backward.peak_bytes - returned <= declared("backward", seen, weight, 0, True)
+    assert declared("forward", seen, weight, 0) < copy and declared("backward", seen, weight, 0, True) < copy
     if backend == "torch":
         assert forward.peak_bytes < copy / 2 and backward.peak_bytes - returned < copy / 2
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32

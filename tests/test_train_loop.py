@@ -236,6 +236,7 @@ def test_a_hugging_face_checkpoint_trains_through_the_adapter(tmp_path, monkeypa
     """``model.path`` + ``model.hf``: a saved transformers model and tokenizer, loaded and driven through
     ``HFMaskedDiffusionAdapter`` (a tiny Llama made bidirectional, see tests/trl_tiny.py)."""
     pytest.importorskip("transformers")
+    pytest.importorskip("datasets")  # trl_tiny (the model and tokenizer builders) imports it
     import trl_tiny
 
     checkpoint = tmp_path / "checkpoint"
