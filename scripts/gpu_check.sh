@@ -93,36 +93,7 @@ EOF
 say "environment: $ENV_JSON"
 
 summary() {  # summary STATUS REASON
-    STATUS=$1 REASON=$2 ENV_JSON=$ENV_JSON OUTDIR=$OUTDIR START=$START "$PY" - <<'EOF' 2>>"$LOG"
-import json, os, time
-import xml.etree.ElementTree as ET
-out = os.environ["OUTDIR"]
-summary = {"status": os.environ["STATUS"], "reason": os.environ["REASON"],
-           "environment": json.loads(os.environ["ENV_JSON"]), "stages": [], "tests": None, "benchmark": None,
-           "seconds": round(time.time() - int(os.environ["START"]))}
-with open(os.path.join(out, "stages.tsv")) as f:
-    for line in f:
-        name, rc, seconds = line.rstrip("\n").split("\t")
-        summary["stages"].append({"name": name, "rc": rc if rc == "not_run" else int(rc), "seconds": int(seconds)})
-for stage in ("gpu", "ops"):
-    junit = os.path.join(out, f"tests_{stage}.xml")
-    if not os.path.exists(junit):
-        continue
-    tests = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
-        tests[key] += 1
-        if key == "failed":
-            tests["failures"].append(f"{case.get('classname')}::{case.get('name')}")
-    summary["tests"] = {**(summary["tests"] or {}), stage: tests}
-bench = os.path.join(out, "fused_elbo_loss_cuda_peaked.json")
-if os.path.exists(bench):
-    summary["benchmark"] = json.load(open(bench))
-with open(os.path.join(out, "gpu_check.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-print(f"gpu_check: {summary['status']}: {summary['reason']}")
-EOF
+    "$PY" "$ROOT/scripts/gpu_check_summary.py" "$OUTDIR" "$1" "$2" "$START" "$ENV_JSON" 2>>"$LOG"
 }
 
 if ! "$PY" -c 'import json, sys; sys.exit(0 if json.loads(sys.argv[1]).get("cuda_available") else 1)' "$ENV_JSON"; then
@@ -148,14 +119,14 @@ fi
 stage backends 60 "$PY" -c 'import torch, bgpo; from bgpo.backends import available_backends as a
 print("fused_elbo_loss:", a("fused_elbo_loss", "cuda"), "random_mask:", a("random_mask", "cuda"))'
 
-# The GPU tests, the benchmark, then the op tests on CUDA tensors with what time is left (each pytest
-# writes its own JUnit XML, so a stage cut short by its timeout loses only its own counts); -x is not
-# used: every failure is listed.
+# The GPU tests, the benchmark, then the op tests on CUDA tensors with what time is left.  Each pytest
+# writes its own JUnit XML and, with -v, a line per test to the log, from which the summary counts a stage
+# that its timeout cut short (and names the test it was running); -x is not used: every failure is listed.
 export BGPO_TEST_DEVICE=cuda PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-stage gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_gpu.xml" tests/test_gpu.py
+stage gpu_tests 170 "$PY" -m pytest -v -rfE -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml" tests/test_gpu.py
 stage benchmark 130 "$PY" benchmarks/fused_elbo_loss.py --peaked --out "$OUTDIR"
-stage op_tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUTDIR/tests_ops.xml" \
+stage op_tests 300 "$PY" -m pytest -v -rfE -p no:cacheprovider --junitxml="$OUTDIR/op_tests.xml" \
     tests/test_fused_elbo_loss.py tests/test_random_mask.py tests/test_triton_kernels.py tests/test_extension.py
 
 STATUS=passed

@@ -68,3 +68,43 @@ def test_check_release_needs_its_releases():
     for argv in ([], ["2.11.0"]):
         run = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, timeout=60)
         assert run.returncode != 0 and "usage: scripts/check_release.sh TORCH TRITON" in run.stderr
+
+
+def _summary_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", SCRIPT.parent / "gpu_check_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_counts_a_stage_its_timeout_cut_from_the_log(tmp_path):
+    """A pytest stage killed by its timeout leaves no JUnit XML: its counts come from its `pytest -v` lines,
+    with the test it was running named; a finished stage is read from its XML; the benchmark JSON is kept."""
+    summary_module = _summary_module()
+    (tmp_path / "stages.tsv").write_text("install\t0\t40\ngpu_tests\t124\t170\nbenchmark\t0\t90\nop_tests\t1\t200\n")
+    (tmp_path / "gpu_check.log").write_text(
+        "gpu_check: gpu_tests (timeout 170s): python -m pytest -v tests/test_gpu.py\n"
+        "tests/test_gpu.py::test_llada_head[triton-bias] PASSED                 [ 10%]\n"
+        "tests/test_gpu.py::test_llada_head[cuda-bias] FAILED                   [ 20%]\n"
+        "tests/test_gpu.py::test_skipped_one SKIPPED (no extension)             [ 30%]\n"
+        "tests/test_gpu.py::test_compile_fullgraph[triton] gpu_check: gpu_tests: exit 124 after 170 s\n"
+        "gpu_check: op_tests (timeout 300s): python -m pytest -v ...\n"
+        "tests/test_random_mask.py::test_other PASSED                            [ 50%]\n")
+    (tmp_path / "op_tests.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_x" name="a"/>'
+        '<testcase classname="tests.test_x" name="b"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_x" name="c"><skipped/></testcase></testsuite></testsuites>')
+    (tmp_path / "fused_elbo_loss_cuda_peaked.json").write_text('{"rows": [], "targets": []}')
+    summary = summary_module.summarize(tmp_path, "failed", "a stage failed", 0, {"torch": "2.11.0"})
+    gpu, ops = summary["tests"]["gpu_tests"], summary["tests"]["op_tests"]
+    assert (gpu["passed"], gpu["failed"], gpu["skipped"]) == (1, 1, 1) and gpu["cut_short"]
+    assert gpu["failures"] == ["tests/test_gpu.py::test_llada_head[cuda-bias]"]
+    assert gpu["cut_during"] == "tests/test_gpu.py::test_compile_fullgraph[triton]"
+    assert (ops["passed"], ops["failed"], ops["skipped"], ops["failures"]) == (1, 1, 1, ["tests.test_x::b"])
+    assert [s["rc"] for s in summary["stages"]] == [0, 124, 0, 1] and summary["benchmark"]["targets"] == []
+    # a stage that finished while a later one was cut has no test left without an outcome
+    finished = summary_module.counts_from_log(summary_module.stage_log(
+        (tmp_path / "gpu_check.log").read_text(), "op_tests"))
+    assert finished["passed"] == 1 and finished["cut_during"] is None
