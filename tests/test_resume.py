@@ -275,10 +275,51 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(tmp_path, cap
     assert longer._resume_from.name == "step-00000002"  # steps and logging may change
 
 
+def test_force_resume_takes_the_new_optimizer_settings(tmp_path, capsys):
+    """Regression: optim.* changed under --force-resume was announced but the checkpoint's lr, betas, eps and
+    weight decay (optimizer and scheduler state) went on being used."""
+    _run(tmp_path)
+    forced = Trainer(tiny_config(tmp_path, *RUN, "checkpoint.resume=true", "checkpoint.force_resume=true",
+                                 "optim.lr=1e-5", "optim.weight_decay=0.1", "optim.betas=[0.5,0.6]",
+                                 "optim.eps=1e-6"))
+    assert forced.resume() and "optim.lr: 0.001 -> 1e-05" in capsys.readouterr().out
+    for group in forced.optimizer.param_groups:
+        assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-5, 0.1, (0.5, 0.6), 1e-6)
+    assert forced.scheduler.get_last_lr() == [1e-5] and forced.scheduler.base_lrs == [1e-5]
+    assert forced.train_step()["lr"] == 1e-5  # constant schedule: the next update's lr, then logged
+
+
+def test_extending_a_decayed_run_resumes_on_the_new_schedule(tmp_path):
+    """Regression: with a linear schedule, a run of 1 step resumed with steps=3 made its first resumed update
+    with the old schedule's lr (0 at its end: no weight moved) instead of the new schedule's."""
+    linear = ["optim.schedule=linear", "steps=1"]
+    _run(tmp_path, *linear)
+    longer = Trainer(tiny_config(tmp_path, *RUN, *linear, "checkpoint.resume=true", "steps=3"))
+    assert longer.resume() and longer.step == 1
+    straight = Trainer(tiny_config(tmp_path / "straight", *RUN, "optim.schedule=linear", "steps=3"))
+    straight.train_step()
+    assert longer.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"] > 0
+    before = [p.detach().clone() for p in longer.parameters]
+    longer.train_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, longer.parameters))
+
+
 def test_a_new_run_refuses_a_directory_with_checkpoints(tmp_path):
     _run(tmp_path)
     with pytest.raises(ValueError, match="checkpoint.resume: .* holds the checkpoints of an earlier run"):
         Trainer(tiny_config(tmp_path, *RUN))
+
+
+def test_a_new_run_refuses_what_a_run_without_checkpoints_left(tmp_path):
+    """Regression: a run that left no checkpoint (save_final=false) lost its metrics to the next run into its
+    output_dir; now that run is refused, and --resume starts again from step 0 (dropping them) on request."""
+    _run(tmp_path, "checkpoint.every=0", "checkpoint.save_final=false")
+    assert not complete_checkpoints(tmp_path / "checkpoints") and len(json.loads(_records(tmp_path))) == 2
+    with pytest.raises(ValueError, match=r"checkpoint.resume: an earlier run left .*metrics.jsonl and no checkpoint"):
+        Trainer(tiny_config(tmp_path, *RUN, "seed=7"))
+    assert len(json.loads(_records(tmp_path))) == 2  # untouched
+    again = Trainer(tiny_config(tmp_path, *RUN, "checkpoint.resume=true"))
+    assert not again.resume() and json.loads(_records(tmp_path)) == []
 
 
 def test_metrics_are_truncated_to_the_checkpoint_on_resume(tmp_path, straight):

@@ -28,7 +28,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -311,20 +311,27 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def resume_point(directory: str | Path, config: dict, *, say: Callable[[str], None],
-                 is_main: bool = True) -> Path | None:
+                 is_main: bool = True, run_files: Iterable[Path] = ()) -> Path | None:
     """The checkpoint a run with ``config`` (``config_to_dict``) continues from (None: from scratch).
 
     ``checkpoint.resume``: the newest complete checkpoint of ``directory`` (``say`` a note when ``latest``
     names another, and on ``is_main`` point ``latest`` at it); refused (ValueError naming
     ``checkpoint.resume`` and the keys) when its config differs from ``config`` outside
     ``RESUME_MAY_CHANGE``, unless ``checkpoint.force_resume``.  A new run refuses a directory that holds
-    checkpoints: it would interleave two runs' checkpoints and metrics."""
+    checkpoints (it would interleave two runs' checkpoints and metrics), or any non-empty file of
+    ``run_files`` (what an earlier run left that a new one would overwrite: its metrics, its warm-up
+    weights), even when that run left no checkpoint."""
     options = config["checkpoint"]
     if not options["resume"]:
         existing = complete_checkpoints(directory)
         if existing:
             raise ValueError(f"checkpoint.resume: {directory} holds the checkpoints of an earlier run (newest: "
                              f"{existing[-1][1].name}); pass --resume to continue it, or choose another output_dir")
+        left = [str(f) for f in run_files if f.is_file() and f.stat().st_size > 0]
+        if left:
+            raise ValueError(f"checkpoint.resume: an earlier run left {', '.join(left)} and no checkpoint; a new run "
+                             "would overwrite them: choose another output_dir, or pass --resume to start again "
+                             "from step 0 in this one (its metrics are then dropped)")
         return None
     path, note = find_checkpoint(directory)
     if note is not None:

@@ -13,7 +13,9 @@ import torch
 
 from .distributed import DistributedContext, all_reduce
 
-__all__ = ["MetricsWriter", "peak_memory_mib", "learning_signals"]
+__all__ = ["MetricsWriter", "METRICS_FILE", "peak_memory_mib", "learning_signals"]
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -36,7 +38,7 @@ class MetricsWriter:
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
             try:

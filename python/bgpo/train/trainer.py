@@ -43,7 +43,7 @@ from .checkpoint import complete_checkpoints, load_checkpoint, resume_point, sav
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
     init_distributed, shard_model
-from .metrics import MetricsWriter, learning_signals, peak_memory_mib
+from .metrics import METRICS_FILE, MetricsWriter, learning_signals, peak_memory_mib
 from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
 from .schedule import lr_multiplier
 from .scoring import code_reward_checked, score_completions, split_responses
@@ -52,6 +52,8 @@ from .sft import supervised_warmup
 from .signals import StopSignals
 
 __all__ = ["Trainer", "NonFiniteError"]
+
+WARMUP_FILE = "warmup.safetensors"  # the supervised warm-up's weights, in output_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -72,7 +74,8 @@ class Trainer:
         self.stop = stop or StopSignals()
         # Before any work: a refused resume costs nothing.
         self._resume_from = resume_point(self.checkpoint_dir, config_to_dict(config), say=self._say,
-                                         is_main=self.context.is_main)
+                                         is_main=self.context.is_main,
+                                         run_files=(self.output_dir / METRICS_FILE, self.output_dir / WARMUP_FILE))
         self.device = resolve_device(config.model.device, self.context.local_rank)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
         self.model = build_model(config.model, seed=config.seed, device=self.device,
@@ -294,7 +297,7 @@ class Trainer:
             if c.sft.steps > 0:
                 from safetensors.torch import load_file
 
-                reference.load_state_dict(load_file(self.output_dir / "warmup.safetensors", device=str(self.device)))
+                reference.load_state_dict(load_file(self.output_dir / WARMUP_FILE, device=str(self.device)))
             reference.requires_grad_(False).eval()
             self._reference = shard_model(reference, find_blocks(reference), self.context)
         yield self._reference
@@ -410,6 +413,7 @@ class Trainer:
         if path is not None:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
+            self._apply_optim_config()
             self.step, self.warmed_up = state["step"], state["warmed_up"]
             self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
             self._saved_step = step = self.step
@@ -417,6 +421,17 @@ class Trainer:
         if dropped:
             self._say(f"dropped {dropped} records of steps after {max(step, 0)} from {self.metrics.path}")
         return path is not None
+
+    def _apply_optim_config(self) -> None:
+        """The config's optimizer settings over the checkpoint's (which loading restored): ``optim.*`` changed
+        under ``--force-resume`` and a changed ``steps`` (the schedule's length) take effect from the first
+        resumed update, whose lr is the current schedule's at the restored update count."""
+        o = self.config.optim
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        lr = o.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=lr, initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler._last_lr = [lr] * len(self.optimizer.param_groups)  # what get_last_lr() reports
 
     # ------------------------------------------------------------------------------------------ a run
     def warm_up(self) -> None:
@@ -438,7 +453,7 @@ class Trainer:
             return
         self.warmed_up = True
         self.metrics.write({"kind": "warmup", "step": 0, "loss": losses[-1], "steps": len(losses)})
-        save_weights(self.output_dir / "warmup.safetensors", self.model, self.context)
+        save_weights(self.output_dir / WARMUP_FILE, self.model, self.context)
 
     def _stop_signal(self) -> int:
         """The signal that stops the run, agreed by all ranks (the largest number received); 0 if none."""
