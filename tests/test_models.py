@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,6 +299,19 @@ def test_export_round_trip_of_a_trainer_checkpoint(tmp_path, capsys):
 
     half = export_hf(step, tmp_path / "bf16", dtype="bfloat16")
     assert {p.dtype for p in LLaDAModelLM.from_pretrained(half).parameters()} == {torch.bfloat16}
+
+    # an export killed while writing the weights leaves no torn model.safetensors: a rerun goes through
+    import safetensors.torch
+
+    def killed(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(safetensors.torch, "save_file", killed)
+        export_hf(step, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    assert LLaDAModelLM.from_pretrained(export_hf(step, tmp_path / "killed")).config == trainer.model.config
     assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
 

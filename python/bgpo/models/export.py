@@ -125,9 +125,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None 
     state = {name: t.to(dtypes[dtype]) if dtype else t for name, t in llada_state_dict(model).items()}
     stored = next(iter(state.values())).dtype
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    # Each file is written under a temporary name and renamed into place: an export killed midway leaves
+    # no torn file that a rerun would refuse as existing.
+    temporary = out / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, temporary, metadata={"format": "pt"})
+    os.replace(temporary, out / "model.safetensors")
     fields = hf_config(config, str(stored).removeprefix("torch."))
-    temporary = out / "config.json.tmp"
+    temporary = out / ".config.json.tmp"
     temporary.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     os.replace(temporary, out / "config.json")
     return out
