@@ -134,12 +134,27 @@ def test_final_answer_takes_the_last_balanced_box():
     ("<answer>\\boxed{800 ml}</answer>", ["800 ml", "800"]),
     ("<answer>\\boxed{\\text{1,200 dollars}}</answer>", ["\\text{1,200 dollars}", "1200"]),
     ("<answer>\\boxed{2 x}</answer>", ["2 x"]),             # a single letter is no unit
+    ("<answer>\\boxed{18 km/h}</answer>", ["18 km/h", "18"]),
+    ("<answer>18 apples were left over</answer>", ["18 apples were left over", "18"]),
     ("<answer> 42 </answer>", ["42"]),
     ("\\boxed{3} <answer>\\boxed{5}</answer>", ["5"]),      # the answer tags win
     ("The result is 42.", []),                              # no box, no hashes, no tags: no answer
 ])
 def test_math_answer_candidates(completion, candidates):
     assert answer_candidates(completion) == candidates
+
+
+@pytest.mark.parametrize("completion", [
+    "<answer>18 apples were left over in the small basket, so</answer>",  # took 17 s: the unit pattern backtracked
+    "\\boxed{18 " + "a" * 40 + "!}",                                      # ... doubling with each letter
+    "<answer>18" + " " * 20000 + "!</answer>",                              # quadratic whitespace runs
+    "<answer>18 " + "word " * 4000 + ",</answer>",
+])
+def test_math_answer_candidates_take_linear_time(completion):
+    """Regression: the answer's unit parse runs in the caller's thread, outside the checker's timeout."""
+    start = time.perf_counter()
+    assert answer_candidates(completion)[1:] == []  # none of them is a number with a unit
+    assert time.perf_counter() - start < 0.1
 
 
 def test_math_reward_is_thread_safe_and_bounded_in_time():

@@ -252,6 +252,20 @@ def test_the_right_solution_still_passes_while_attacks_run():
 
 
 @needs_sandbox
+def test_a_stop_iteration_cannot_end_the_tests_iteration():
+    """Regression: a StopIteration raised by the program was re-raised in the test, where it silently ended
+    the map/zip a test iterates (its asserts never ran: score 1).  It arrives as a RuntimeError."""
+    stops = "def add(a, b):\n    raise StopIteration\n"
+    for tests in ("assert all(map(lambda p: add(*p) == sum(p), [(1, 2), (3, 4)]))\n",
+                  "for got, want in zip(map(add, [1, 3], [2, 4]), [3, 7]):\n    assert got == want\n"):
+        assert run_program(RIGHT, tests, limits=LIMITS).score == 1.0
+        verdict = run_program(stops, tests, limits=LIMITS)
+        assert verdict.score == 0.0 and verdict.reason.startswith("RuntimeError"), verdict
+    expects = "try:\n    add(1, 2)\n    raise AssertionError('no error')\nexcept ValueError:\n    pass\n"
+    assert run_program("def add(a, b):\n    raise ValueError\n", expects, limits=LIMITS).score == 1.0
+
+
+@needs_sandbox
 def test_strict_comparison_and_plain_values():
     float_for_int = "def add(a, b):\n    return float(a + b)\n"
     assert run_program(float_for_int, TESTS, limits=LIMITS).reason.startswith("AssertionError")

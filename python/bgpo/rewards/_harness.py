@@ -167,6 +167,11 @@ def _no_dump():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+# Exceptions that end an iteration rather than fail: re-raised in the test, a StopIteration from the program
+# would silently end the map/zip/filter a test iterates, so its asserts never run.  They arrive as errors.
+_CONTROL_FLOW = (StopIteration, StopAsyncIteration)
+
+
 class TimeUp(BaseException):
     """The judge's time limit (a BaseException: ``except Exception`` in a test cannot swallow it)."""
 
@@ -220,7 +225,8 @@ class Runner:
             return decode(answer["result"])
         error, kind = str(answer.get("error", "no result"))[:300], answer.get("type")
         builtin = getattr(builtins, kind, None) if type(kind) is str else None
-        if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin.__module__ == "builtins":
+        if (isinstance(builtin, type) and issubclass(builtin, Exception) and builtin.__module__ == "builtins"
+                and builtin not in _CONTROL_FLOW):
             raise builtin(f"in the program: {error}")  # so a test may expect e.g. a ValueError
         raise RuntimeError(f"in the program: {error}")
 

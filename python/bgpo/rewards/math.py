@@ -39,12 +39,18 @@ _HASHES = re.compile(r"####\s*([^\n]+)")
 _TEXT_WRAPPER = re.compile(r"\s*\\(?:text|mbox|mathrm|textrm)\s*\{([^{}]*)\}\s*")
 # A number followed by a unit: words of two letters or more (``ml``, ``dollars``, ``km/h``, ``cm^2``)
 # or a ``\text{...}`` holding letters.  Single letters are not units here (``2 x`` is no ``2``).
+# Words are separated by at least one of `` /.``: with the separator optional, ``([A-Za-z]+)*`` could
+# split a run of letters in exponentially many ways, and a long phrase ending in a comma took seconds
+# (minutes, a few letters more) to refuse, in the caller's thread, outside the checker's timeout.
 _NUMBER_WITH_UNIT = re.compile(
     r"\s*(?:\\?\$)?\s*(-?(?:\d[\d,]*(?:\.\d+)?|\.\d+))\s*(?:\\[ ,;:!]|~|\s)*"
     r"(?:\\(?:text|mbox|mathrm|textrm)\s*\{\s*[A-Za-z][A-Za-z ./^\d]*\}"
-    r"|[A-Za-z]{2,}(?:[ /.]*[A-Za-z]+)*(?:\^\{?\d\}?)?)"
+    r"|[A-Za-z]{2,}(?:[ /.]+[A-Za-z]+)*(?:\^\{?\d\}?)?)"
     r"\s*\.?\s*"
 )
+# Longer answers are not read as a number with a unit: the whitespace runs of the pattern still match in
+# quadratic time, and a number with its unit is short.
+_UNIT_ANSWER_CHARS = 100
 
 
 def final_answer(text: str, *, allow_unclosed: bool = False) -> str | None:
@@ -67,7 +73,7 @@ def answer_candidates(completion: str) -> list[str]:
     candidates = [answer]
     wrapped = _TEXT_WRAPPER.fullmatch(answer)
     inner = wrapped[1] if wrapped else answer.strip().strip("$")
-    if number := _NUMBER_WITH_UNIT.fullmatch(inner):
+    if len(inner) <= _UNIT_ANSWER_CHARS and (number := _NUMBER_WITH_UNIT.fullmatch(inner)):
         candidates.append(number[1].replace(",", ""))
     elif wrapped:
         candidates.append(inner)
