@@ -11,13 +11,18 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
-def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",  # no GPU, even on a GPU machine
-           "BGPO_GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}  # whatever .whl/ holds here
+def _check_without_a_gpu(tmp_path: Path, wheels: Path) -> dict:
+    """Runs the check with no GPU visible (even on a GPU machine) and the given wheel folder; its JSON."""
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "BGPO_GPU_CHECK_WHEELS": str(wheels),
+           "TMPDIR": str(tmp_path)}
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--no-install"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    return json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+
+
+def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
+    summary = _check_without_a_gpu(tmp_path, tmp_path / "no-wheels")  # not whatever .whl/ holds here
     assert summary["status"] == "skipped" and "no GPU" in summary["reason"]
     assert summary["environment"]["cuda_available"] is False and summary["environment"]["torch"]
     assert summary["stages"] == [] and summary["tests"] is None  # nothing was run, nothing claimed
@@ -47,12 +52,7 @@ def test_gpu_check_installs_the_carried_wheels(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _wheel(wheels, "bgpo_fake_peer", "1.2.3")
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "BGPO_GPU_CHECK_WHEELS": str(wheels),
-           "TMPDIR": str(tmp_path)}
-    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "--no-install"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    summary = _check_without_a_gpu(tmp_path, wheels)
     assert summary["environment"]["carried"] == {"bgpo_fake_peer": "1.2.3"}
     assert not list(tmp_path.glob("bgpo_gpu_check_site.*"))  # the temporary install is removed on exit
 

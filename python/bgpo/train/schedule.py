@@ -1,9 +1,11 @@
-"""The learning-rate schedule of the trainer's optimizer updates."""
+"""The trainer's optimizer (AdamW) and the learning-rate schedule of its updates, from ``optim.*``."""
 from __future__ import annotations
 
 import math
 
-__all__ = ["lr_multiplier"]
+import torch
+
+__all__ = ["lr_multiplier", "build_optimizer", "apply_optim_config"]
 
 
 def lr_multiplier(kind: str, warmup: int, total: int):
@@ -20,3 +22,27 @@ def lr_multiplier(kind: str, warmup: int, total: int):
         return 1.0
 
     return multiplier
+
+
+def _settings(optim) -> dict:
+    return dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+def build_optimizer(parameters, optim, total_updates: int):
+    """(AdamW, its LambdaLR schedule over ``total_updates`` optimizer updates) as ``optim`` says."""
+    optimizer = torch.optim.AdamW(parameters, **_settings(optim))
+    schedule = lr_multiplier(optim.schedule, optim.warmup_steps, total_updates)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def apply_optim_config(optimizer, scheduler, optim) -> None:
+    """``optim``'s settings over those a checkpoint restored: ``optim.*`` changed under ``--force-resume``
+    and a changed run length (the schedule's) take effect from the first resumed update, whose lr is the
+    current schedule's at the restored update count."""
+    settings = _settings(optim)
+    groups = optimizer.param_groups
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    settings["lr"] = optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in groups:
+        group.update(initial_lr=optim.lr, **settings)
+    scheduler._last_lr = [settings["lr"]] * len(groups)  # what get_last_lr() reports

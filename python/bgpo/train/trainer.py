@@ -45,7 +45,7 @@ from .distributed import DistributedContext, all_reduce, all_reduce_gradients, b
     init_distributed, shard_model
 from .metrics import METRICS_FILE, MetricsWriter, learning_signals, peak_memory_mib
 from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
-from .schedule import lr_multiplier
+from .schedule import apply_optim_config, build_optimizer
 from .scoring import code_reward_checked, score_completions, split_responses
 from .seeds import derive_seed
 from .sft import supervised_warmup
@@ -93,12 +93,8 @@ class Trainer:
             broadcast_parameters(self.model)
         self.model = shard_model(self.model, find_blocks(self.model), self.context)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
         total_updates = max(1, config.steps * config.policy.updates_per_batch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(o.schedule, o.warmup_steps,
-                                                                                      total_updates))
+        self.optimizer, self.scheduler = build_optimizer(self.parameters, config.optim, total_updates)
         self.reward_fn = self.reward_fn or get_reward(config.reward or config.data.task)
         self.template = config.data.prompt_template or TASK_PROMPTS[config.data.task]
         self.train_examples, self.eval_examples = self._load_data()
@@ -413,7 +409,7 @@ class Trainer:
         if path is not None:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            self._apply_optim_config()
+            apply_optim_config(self.optimizer, self.scheduler, self.config.optim)
             self.step, self.warmed_up = state["step"], state["warmed_up"]
             self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
             self._saved_step = step = self.step
@@ -421,17 +417,6 @@ class Trainer:
         if dropped:
             self._say(f"dropped {dropped} records of steps after {max(step, 0)} from {self.metrics.path}")
         return path is not None
-
-    def _apply_optim_config(self) -> None:
-        """The config's optimizer settings over the checkpoint's (which loading restored): ``optim.*`` changed
-        under ``--force-resume`` and a changed ``steps`` (the schedule's length) take effect from the first
-        resumed update, whose lr is the current schedule's at the restored update count."""
-        o = self.config.optim
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        lr = o.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group.update(lr=lr, initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        self.scheduler._last_lr = [lr] * len(self.optimizer.param_groups)  # what get_last_lr() reports
 
     # ------------------------------------------------------------------------------------------ a run
     def warm_up(self) -> None:
