@@ -85,3 +85,38 @@ def test_warm_up_under_torchrun_saves_the_gathered_weights(tmp_path):
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert train_main([*OVERRIDES, "steps=0", f"model.init={run / 'warmup.safetensors'}",
                        f"output_dir={tmp_path / 'from_warmup'}"]) == 0
+
+
+def test_the_process_group_is_destroyed_by_whoever_created_it(tmp_path, monkeypatch):
+    """``close_distributed`` destroys a group ``init_distributed`` created (a gloo group left to interpreter
+    finalisation can abort a finished run: SIGABRT, "terminate called without an active exception") and
+    leaves a group the caller created to the caller."""
+    script = tmp_path / "group.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from bgpo.train.distributed import close_distributed, init_distributed\n"
+        "context = init_distributed('fsdp')\n"
+        "assert context.owns_group and context.world_size == 2 and dist.is_initialized()\n"
+        "close_distributed(context)\n"
+        "assert not dist.is_initialized()\n"
+        "print('destroyed', context.rank)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("destroyed")) == [
+        "destroyed 0", "destroyed 1"]
+
+    import torch.distributed as dist
+
+    from bgpo.train.distributed import close_distributed, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables, but the caller made its own group first
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        context = init_distributed("ddp")
+        assert not context.owns_group and context.world_size == 1
+        close_distributed(context)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

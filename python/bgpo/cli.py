@@ -65,14 +65,9 @@ def train_main(argv: list[str] | None = None, prog: str = "bgpo train") -> int:
 
 
 def _train(argv: list[str] | None, prog: str, stop) -> int:
-    import yaml
-
-    from .rewards.sandbox import SandboxUnavailable
-    from .train.checkpoint import CheckpointError
-    from .train.config import config_to_dict, load_config
-    from .train.distributed import init_distributed
-    from .train.signals import signal_exit_code
-    from .train.trainer import NonFiniteError, Trainer
+    from .train.config import load_config
+    from .train.distributed import close_distributed, init_distributed
+    from .train.signals import StoppedBySignal
 
     args = _train_parser(prog).parse_intermixed_args(argv)  # key=value before and after --resume
     resume = ["checkpoint.resume=true"] if args.resume or args.force_resume else []
@@ -80,8 +75,31 @@ def _train(argv: list[str] | None, prog: str, stop) -> int:
     try:
         config = load_config(args.config, overrides, preset=args.preset)
         context = init_distributed(config.distributed)
+    except ValueError as error:
+        print(f"bgpo train: config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        code = _run(config, context, args.print_config, stop)
+    except StoppedBySignal:  # an orderly exit too: this rank is between collectives
+        close_distributed(context)
+        raise
+    close_distributed(context)  # not on an unexpected exception: another rank may still be in a collective
+    return code
+
+
+def _run(config, context, print_config: bool, stop) -> int:
+    """Validate the config for the world size, build the trainer and train; the exit code."""
+    import yaml
+
+    from .rewards.sandbox import SandboxUnavailable
+    from .train.checkpoint import CheckpointError
+    from .train.config import config_to_dict
+    from .train.signals import signal_exit_code
+    from .train.trainer import NonFiniteError, Trainer
+
+    try:
         config.validate(context.world_size)
-        if args.print_config:
+        if print_config:
             print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
             return 0
         trainer = Trainer(config, context=context, stop=stop)

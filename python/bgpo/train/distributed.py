@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistributedContext", "init_distributed", "shard_model", "all_reduce_gradients", "all_reduce",
-           "broadcast_parameters"]
+__all__ = ["DistributedContext", "init_distributed", "close_distributed", "shard_model", "all_reduce_gradients",
+           "all_reduce", "broadcast_parameters"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "none"  # "none", "fsdp" or "ddp"
+    owns_group: bool = False  # init_distributed created the process group (so close_distributed destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -49,10 +50,23 @@ def init_distributed(strategy: str) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistributedContext()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a caller's own group is left to the caller
+    if owns_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                              "fsdp" if strategy == "auto" else strategy)
+                              "fsdp" if strategy == "auto" else strategy, owns_group)
+
+
+def close_distributed(context: DistributedContext) -> None:
+    """Destroy the process group ``init_distributed`` created, while the interpreter is still whole.
+
+    A group left to interpreter finalisation can abort the process: gloo's worker threads still own
+    work objects whose tensors need the GIL while Python is being torn down ("terminate called without
+    an active exception", SIGABRT, after a run that had finished).  Call it only on an orderly exit --
+    every collective of this rank has returned -- never while another rank may still be in one.
+    """
+    if context.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast_parameters(model: nn.Module) -> None:
