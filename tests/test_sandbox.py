@@ -6,6 +6,7 @@ hole in that defence scores 1.0).  An attack succeeds if it scores 1.0 or leaves
 (canary read or changed, a file written, a process alive, a host port reached).  Run in a thread pool like
 the trainer does, with short limits.
 """
+import ast
 import os
 import secrets
 import socket
@@ -19,7 +20,8 @@ import pytest
 
 import bgpo
 from bgpo.rewards import code_reward, run_sandboxed
-from bgpo.rewards._harness import ProtocolError, decode, encode, strict_equal
+from bgpo.rewards._harness import (ProtocolError, _StrictCompare, decode, encode, strict_chain, strict_compare,
+                                   strict_equal)
 from bgpo.rewards.sandbox import Limits, require_sandbox, run_program, sandbox_problem
 
 PROBLEM = sandbox_problem()
@@ -276,6 +278,10 @@ def test_strict_comparison_and_plain_values():
                  "test": "def check(f):\n    assert abs(f(0.5) - 1.5) < 1e-9\n    try:\n        f('a')\n"
                          "    except TypeError:\n        pass\n    else:\n        raise AssertionError\n"}
     assert code_reward("    return x + 1\n", humaneval).score == 1.0  # a builtin exception crosses as itself
+    # a chain and a membership test compare as strictly as a single == (True passed for 1 there)
+    for test in ("assert one() == 1 == 1", "assert one() in [1, 2]", "assert 0 < one() == 1"):
+        assert run_program("def one():\n    return 1\n", test, limits=LIMITS).score == 1.0, test
+        assert run_program("def one():\n    return True\n", test, limits=LIMITS).score == 0.0, test
 
 
 @needs_sandbox
@@ -399,6 +405,35 @@ def test_reward_is_fast_enough():
 ])
 def test_strict_equal(a, b, equal):
     assert strict_equal(a, b) is equal
+
+
+def _passes(test: str, **names) -> bool:
+    """Whether test code passes with the judge's comparisons (the transform of the test code, no sandbox)."""
+    namespace = {"__strict_compare__": strict_compare, "__strict_chain__": strict_chain, **names}
+    try:
+        exec(compile(ast.fix_missing_locations(_StrictCompare().visit(ast.parse(test))), "test.py", "exec"), namespace)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_chains_and_membership_compare_strictly():
+    """Regression: a chain (``a == b == c``) and ``in`` / ``not in`` kept Python's loose comparison, so True
+    passed for 1 there while a single == refused it."""
+    for test in ("assert x == 1 == y", "assert 0 < x == 1", "assert x in [1, 2]", "assert x in (1,)",
+                 "assert x in {1: 'a'}", "assert x in {1}", "assert 1 == x != 3"):
+        assert _passes(test, x=1, y=1), test
+        assert not _passes(test, x=True, y=1), test
+    assert _passes("assert x not in [1.0, True] and 1.0 not in {x}", x=1)
+    assert _passes("assert 'b' in x and b'a' in y and 3 in range(5)", x="abc", y=b"ab")  # substrings, ranges
+    assert _passes("assert 1 < x <= 3 and x is not None", x=2) and not _passes("assert 1 < x <= 3", x=4)
+
+    def boom():
+        raise RuntimeError("evaluated past a false link")
+
+    assert _passes("assert not (x == 2 == boom())", x=1, boom=boom)  # operands after a false link: never run
+    assert _passes("assert (n := x) == 1\nassert n == 1", x=1)  # a walrus keeps binding in the test's scope
+    assert _passes("assert all(a == b == c for a, b, c in [(1, 1, 1), (2, 2, 2)])")
 
 
 def test_values_round_trip_and_malformed_ones_are_refused():

@@ -686,28 +686,36 @@ def test_fake_tensors_flow_at_llada_scale():
 def test_autotune_configs_fit_the_gpus(monkeypatch):
     from bgpo_kernels import _configs
 
-    # bf16 operands pipelined per stage: fwd/dz (BN + BV) x BH, grad W BN x (BV + BH), grad h BV x (BN + BH).
+    # Operands pipelined per stage: fwd/dz (BN + BV) x BH, grad W BN x (BV + BH), grad h BV x (BN + BH).
     stage = {id(_configs.FWD): lambda n, v, h: (n + v) * h, id(_configs.DZ): lambda n, v, h: (n + v) * h,
              id(_configs.GRAD_W): lambda n, v, h: n * (v + h), id(_configs.GRAD_H): lambda n, v, h: v * (n + h)}
     tables = (_configs.FWD, _configs.DZ, _configs.GRAD_W, _configs.GRAD_H)
     for table in tables:
         for arch, smem in ((80, 164 * 1024), (90, 228 * 1024)):
-            for c in table[arch]:
-                n, v, h = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"]
-                assert all(x >= 16 and x & (x - 1) == 0 for x in (n, v, h))
-                assert c.num_stages * stage[id(table)](n, v, h) * 2 <= smem
-    for c in _configs.FWD[80] + _configs.FWD[90]:
+            for size in (2, 4):
+                for c in table.for_operands(arch, size):
+                    n, v, h = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"]
+                    assert all(x >= 16 and x & (x - 1) == 0 for x in (n, v, h))
+                    assert c.num_stages * stage[id(table)](n, v, h) * size <= smem
+    for c in _configs.FWD.everything():
         assert fel._SPLIT_QUANTUM % c.kwargs["BLOCK_V"] == 0
-    cuda_tensor = type("T", (), {"device": torch.device("cuda", 0), "data_ptr": lambda self: 0})()
+
+    def cuda_tensor(dtype):
+        return type("T", (), {"device": torch.device("cuda", 0), "data_ptr": lambda self: 0,
+                              "element_size": lambda self: dtype.itemsize})()
+
     for table in tables:
         prune = _configs.pruner(table)
-        everything = table[80] + table[90]
+        everything = table.everything()
         for major, arch in ((9, 90), (8, 80)):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
-            monkeypatch.delenv(_configs.AUTOTUNE_ENV, raising=False)
-            assert prune(everything, {"N": 3, "h_ptr": cuda_tensor}) == table[arch][:1]  # the fixed default
-            monkeypatch.setenv(_configs.AUTOTUNE_ENV, "1")
-            assert prune(everything, {"N": 3, "h_ptr": cuda_tensor}) == table[arch]  # tuning on request
+            for dtype, listed in ((torch.bfloat16, table.half[arch]), (torch.float16, table.half[arch]),
+                                  (torch.float32, table.fp32[arch])):
+                args = {"N": 3, "h_ptr": cuda_tensor(dtype), "weight_ptr": cuda_tensor(torch.float32)}
+                monkeypatch.delenv(_configs.AUTOTUNE_ENV, raising=False)
+                assert prune(everything, args) == listed[:1]  # the fixed default of the rows' dtype
+                monkeypatch.setenv(_configs.AUTOTUNE_ENV, "1")
+                assert prune(everything, args) == listed  # tuning on request
     assert [_configs.n_bucket(n) for n in (0, 1, 3, 64, 65)] == [1, 1, 4, 64, 128]
 
 
@@ -758,7 +766,9 @@ print("ok")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_the_gpu_without_spills(arch, tmp_path):
     """Triton's real compiler (not the interpreter) on the CPU: every kernel compiles for sm_80/sm_90, the
-    bf16/fp16 tiles do not spill registers, and the masking kernel has no FMA (bit-exactness)."""
+    default tile of every dtype (bf16, fp16, fp32 with IEEE and with TF32 products, bf16 rows against an fp32 W)
+    spills no register (sm_80's fp32 FMA path spilled 9-15 KB per thread with the bf16 tiles), and the masking
+    kernel has no FMA (bit-exactness)."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("triton's ptxas is not installed")
@@ -766,8 +776,7 @@ def test_kernels_compile_for_the_gpu_without_spills(arch, tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "bgpo_kernels._compile_check", "--arch", str(arch), "--first", "--strict",
-         "--dtypes", "bf16", "fp16", "fp32", "bf16+w32"],
+        [sys.executable, "-m", "bgpo_kernels._compile_check", "--arch", str(arch), "--first", "--strict"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,14 +13,16 @@ float, complex, str, bytes, list, tuple, dict, set, frozenset), so no object of 
 exists in the judge and no ``__eq__`` of the program's is ever called.  No program name replaces a
 builtin, and the example's own ``setup`` code (trusted: HumanEval's prompt with its helpers, MBPP's
 ``test_setup_code``) runs in the judge after the stubs, so its definitions win over the program's, but
-for the function under test, ``entry``.  ``a == b`` / ``a != b`` in the
-test code compare strictly: the same types all the way down (``True`` is not ``1``, ``3.0`` is not ``3``).
+for the function under test, ``entry``.  ``a == b``, ``a != b``, ``a in b`` and ``a not in b`` in the test
+code, also within a chain (``a == b == c``), compare strictly: the same types all the way down (``True`` is
+not ``1``, ``3.0`` is not ``3``, ``True in [1]`` is False).
 The verdict — ``{"nonce", "passed", "reason"}`` — is written by the judge to ``VERDICT_FD``, which the
 runner never has; the exit status of anything means nothing.
 """
 import ast
 import builtins
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -117,16 +119,60 @@ def strict_equal(a, b):
     return a == b
 
 
+_OP_NAMES = {ast.Eq: "==", ast.NotEq: "!=", ast.In: "in", ast.NotIn: "not in", ast.Lt: "<", ast.LtE: "<=",
+             ast.Gt: ">", ast.GtE: ">=", ast.Is: "is", ast.IsNot: "is not"}
+_STRICT_OPS = {"==", "!=", "in", "not in"}
+_PLAIN_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "is": operator.is_,
+              "is not": operator.is_not}
+
+
+def strict_contains(container, item) -> bool:
+    """``item in container``, strict for the plain containers: ``True in [1]`` and ``1 in {1.0}`` are False."""
+    if type(container) in (list, tuple, set, frozenset, dict):
+        return any(strict_equal(item, element) for element in container)
+    return item in container
+
+
+def strict_compare(left, op: str, right) -> bool:
+    """``left op right`` with ==, != and the membership tests made strict (the other operators as they are)."""
+    if op in ("==", "!="):
+        return strict_equal(left, right) == (op == "==")
+    if op in ("in", "not in"):
+        return strict_contains(right, left) == (op == "in")
+    return _PLAIN_OPS[op](left, right)
+
+
+def strict_chain(left, ops: tuple, rights: tuple) -> bool:
+    """A comparison chain ``left ops[0] r0 ops[1] r1 ...`` of ``strict_compare``s; ``rights`` are thunks,
+    evaluated in order and only while the chain holds, as Python evaluates a chain's operands."""
+    for op, thunk in zip(ops, rights):
+        right = thunk()
+        if not strict_compare(left, op, right):
+            return False
+        left = right
+    return True
+
+
 class _StrictCompare(ast.NodeTransformer):
-    """``x == y`` -> ``__strict_equal__(x, y)``; ``x != y`` -> ``not __strict_equal__(x, y)``."""
+    """Each comparison with ==, != or (not) in -> ``__strict_compare__(x, op, y)``; a chain holding one ->
+    ``__strict_chain__(x, ops, (lambda: y, ...))`` (the lambdas only there: a walrus in an operand of a single
+    comparison keeps binding in the test's scope)."""
 
     def visit_Compare(self, node):
         self.generic_visit(node)
-        if len(node.ops) != 1 or not isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
+        ops = [_OP_NAMES[type(op)] for op in node.ops]
+        if not _STRICT_OPS.intersection(ops):
             return node
-        call = ast.Call(ast.Name("__strict_equal__", ast.Load()), [node.left, node.comparators[0]], [])
-        result = call if isinstance(node.ops[0], ast.Eq) else ast.UnaryOp(ast.Not(), call)
-        return ast.copy_location(result, node)
+        if len(ops) == 1:
+            call = ast.Call(ast.Name("__strict_compare__", ast.Load()),
+                            [node.left, ast.Constant(ops[0]), node.comparators[0]], [])
+        else:
+            no_arguments = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[])
+            thunks = [ast.Lambda(no_arguments, right) for right in node.comparators]
+            call = ast.Call(ast.Name("__strict_chain__", ast.Load()),
+                            [node.left, ast.Tuple([ast.Constant(op) for op in ops], ast.Load()),
+                             ast.Tuple(thunks, ast.Load())], [])
+        return ast.copy_location(call, node)
 
 
 # ---------------------------------------------------------------- the runner (untrusted side)
@@ -280,7 +326,8 @@ def judge(job_fd, verdict_fd):
     runner_ = None
     try:
         runner_ = Runner(job["program"])
-        namespace = {"__name__": "__test__", "__builtins__": builtins, "__strict_equal__": strict_equal}
+        namespace = {"__name__": "__test__", "__builtins__": builtins, "__strict_compare__": strict_compare,
+                     "__strict_chain__": strict_chain}
         namespace.update(program_globals(job["program"], runner_))
         # the example's own code (e.g. HumanEval's prompt with its helpers) replaces the program's names,
         # except the function under test

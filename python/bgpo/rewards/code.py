@@ -7,7 +7,8 @@ define ``entry_point`` the example's ``prompt`` (the function signature) is put 
 
 The program runs in ``sandbox.py`` (bubblewrap namespaces, rlimits); the tests run in the harness's
 judge (``_harness.py``), which calls the program's functions across a pipe with plain values only and
-compares them strictly (types included): ``True`` does not pass for ``1``, nor ``3.0`` for ``3``.  What
+compares them strictly (types included; ``==``, ``!=``, ``in``, ``not in``, chained or not): ``True`` does not
+pass for ``1``, nor ``3.0`` for ``3``.  What
 crosses is None/bool/int/float/complex/str/bytes and lists, tuples, dicts, sets of them; a test that
 passes objects of other types to the program, or a program returning them, fails, and a function's
 changes to its arguments are not seen by the test.  The tests see the program's top-level functions,

@@ -35,14 +35,12 @@ def build_optimizer(parameters, optim, total_updates: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def apply_optim_config(optimizer, scheduler, optim) -> None:
+def apply_optim_config(optimizer, restored, optim):
     """``optim``'s settings over those a checkpoint restored: ``optim.*`` changed under ``--force-resume``
-    and a changed run length (the schedule's) take effect from the first resumed update, whose lr is the
-    current schedule's at the restored update count."""
+    and a changed run length (the schedule ``restored`` was built with) take effect from the first resumed
+    update.  Returns the schedule to use from there: a new LambdaLR at the restored update count u, whose
+    lr is the current schedule's at u (``last_epoch=u - 1``: the constructor takes one step)."""
     settings = _settings(optim)
-    groups = optimizer.param_groups
-    scheduler.base_lrs = [optim.lr] * len(groups)
-    settings["lr"] = optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group in groups:
+    for group in optimizer.param_groups:
         group.update(initial_lr=optim.lr, **settings)
-    scheduler._last_lr = [settings["lr"]] * len(groups)  # what get_last_lr() reports
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, restored.lr_lambdas[0], last_epoch=restored.last_epoch - 1)

@@ -409,7 +409,7 @@ class Trainer:
         if path is not None:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            apply_optim_config(self.optimizer, self.scheduler, self.config.optim)
+            self.scheduler = apply_optim_config(self.optimizer, self.scheduler, self.config.optim)
             self.step, self.warmed_up = state["step"], state["warmed_up"]
             self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
             self._saved_step = step = self.step
