@@ -120,3 +120,35 @@ def test_the_process_group_is_destroyed_by_whoever_created_it(tmp_path, monkeypa
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
+    """Each rank reads output_dir itself: a rank whose node has no copy of the checkpoint (output_dir not on
+    a shared filesystem) must not start from scratch while rank 0 resumes; every rank refuses, naming it."""
+    run = tmp_path / "run"
+    path = os.pathsep.join([str(ROOT / "python"), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    assert train_main([*OVERRIDES, f"output_dir={run}"]) == 0  # a checkpoint at step 1
+    script = tmp_path / "local_disks.py"
+    script.write_text(
+        "import os, sys\n"
+        "import bgpo.train.trainer as trainer\n"
+        "from bgpo.cli import train_main\n"
+        "found = trainer.resume_point\n"
+        "# rank 1's node has no copy of output_dir\n"
+        "trainer.resume_point = lambda *a, **k: found(*a, **k) if os.environ['RANK'] == '0' else None\n"
+        "sys.exit(train_main(sys.argv[1:]))\n")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    resume = [*OVERRIDES, "steps=2", f"output_dir={run}", "--resume"]
+    # (without the check: rank 0 loads the checkpoint in a collective rank 1 never joins, and hangs)
+    result = subprocess.run([*launch, str(script), *resume], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("config error: checkpoint.resume: the ranks found different checkpoints") == 2, \
+        result.stderr[-3000:]
+    assert "this rank, 1: -1; over the ranks: from -1 to 1" in result.stderr
+    assert not (run / "checkpoints" / "step-00000002").exists()
+    # the same directory seen by both ranks resumes
+    result = subprocess.run([*launch, "-m", "bgpo.train", *resume], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "checkpoints" / "step-00000002").is_dir()

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .distributed import DistributedContext
 
 __all__ = ["save_checkpoint", "save_weights", "load_checkpoint", "latest_checkpoint", "find_checkpoint",
-           "complete_checkpoints", "checkpoint_config", "config_differences", "resume_point", "rng_state",
+           "complete_checkpoints", "checkpoint_config", "checkpoint_step", "config_differences", "resume_point", "rng_state",
            "set_rng_state", "CheckpointError", "RESUME_MAY_CHANGE"]
 
 _LATEST = "latest"
@@ -219,7 +219,8 @@ def _prune(directory: Path, step: int, keep: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _step_of(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory's name says (``step-00000012``: 12); None for any other name."""
     match = _NAME.fullmatch(path.name)
     return int(match.group(1)) if match else None
 
@@ -229,7 +230,7 @@ def _is_complete(path: Path) -> bool:
     try:
         marker = json.loads((path / _COMPLETE).read_text())
         files = marker["files"]
-        return (marker["step"] == _step_of(path) and isinstance(files, dict) and bool(files)
+        return (marker["step"] == checkpoint_step(path) and isinstance(files, dict) and bool(files)
                 and all((path / str(name)).stat().st_size == size for name, size in files.items()))
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -240,7 +241,7 @@ def complete_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(_step_of(p), p) for p in directory.iterdir() if _step_of(p) is not None and p.is_dir()]
+    found = [(checkpoint_step(p), p) for p in directory.iterdir() if checkpoint_step(p) is not None and p.is_dir()]
     return sorted((s, p) for s, p in found if _is_complete(p))
 
 
@@ -251,7 +252,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         path = Path(directory) / pointer.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return path if _step_of(path) is not None and path.parent == Path(directory) and _is_complete(path) else None
+    return path if checkpoint_step(path) is not None and path.parent == Path(directory) and _is_complete(path) else None
 
 
 def find_checkpoint(directory: str | Path) -> tuple[Path | None, str | None]:

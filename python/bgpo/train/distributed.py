@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistributedContext", "init_distributed", "close_distributed", "shard_model", "all_reduce_gradients",
-           "all_reduce", "broadcast_parameters"]
+           "all_reduce", "broadcast_parameters", "check_same_on_every_rank"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,14 @@ def all_reduce(values: torch.Tensor, context: DistributedContext, op: str = "sum
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return values
+
+
+def check_same_on_every_rank(value: int, context: DistributedContext, device: torch.device, what: str) -> None:
+    """Raise ``ValueError`` on every rank, starting with ``what``, unless every rank holds the same ``value``
+    (collective: every rank calls it)."""
+    if not context.enabled:
+        return
+    extremes = all_reduce(torch.tensor([value, -value], dtype=torch.int64, device=device), context, op="max")
+    high, low = int(extremes[0]), -int(extremes[1])
+    if high != low:
+        raise ValueError(f"{what} (this rank, {context.rank}: {value}; over the ranks: from {low} to {high})")

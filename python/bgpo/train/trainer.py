@@ -39,10 +39,11 @@ from ..packing import supports_packing
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
 from ..rewards import get_reward
 from ..rollout import check_cache_offered, generate
-from .checkpoint import complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, save_weights
+from .checkpoint import checkpoint_step, complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, \
+    save_weights
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
-    init_distributed, shard_model
+    check_same_on_every_rank, init_distributed, shard_model
 from .metrics import METRICS_FILE, MetricsWriter, learning_signals, peak_memory_mib
 from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
 from .schedule import apply_optim_config, build_optimizer
@@ -77,6 +78,10 @@ class Trainer:
                                          is_main=self.context.is_main,
                                          run_files=(self.output_dir / METRICS_FILE, self.output_dir / WARMUP_FILE))
         self.device = resolve_device(config.model.device, self.context.local_rank)
+        check_same_on_every_rank(  # each rank reads output_dir itself: on several nodes it must be shared
+            -1 if self._resume_from is None else checkpoint_step(self._resume_from), self.context, self.device,
+            f"checkpoint.resume: the ranks found different checkpoints to resume from in {self.checkpoint_dir} "
+            "(step -1: none); output_dir must be one directory every rank reads (a shared filesystem across nodes)")
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
         self.model = build_model(config.model, seed=config.seed, device=self.device,
                                  mask_token_id=getattr(self.tokenizer, "mask_token_id", None),
