@@ -152,3 +152,58 @@ def test_ranks_that_find_different_checkpoints_refuse_to_resume(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_each_rank_works_on_its_own_gpu(monkeypatch):
+    """Regression: the group was made without ``torch.cuda.set_device(LOCAL_RANK)``, so NCCL's barrier and
+    FSDP2's device mesh put every rank of a node on cuda:0."""
+    import torch.distributed as dist
+
+    from bgpo.train.distributed import init_distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    context = init_distributed("auto")
+    assert calls == [("set_device", 3), ("init", "nccl")]  # the device first: NCCL binds to it
+    assert (context.rank, context.local_rank, context.world_size, context.strategy) == (3, 3, 4, "fsdp")
+
+
+def test_every_rank_resumes_its_own_random_streams(tmp_path):
+    """Regression: only rank 0's generators were saved, and every rank resumed with them (identical LoRA
+    dropout masks on every rank after a resume, different before)."""
+    script = tmp_path / "streams.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from bgpo.models import LLaDAConfig, LLaDAModelLM\n"
+        "from bgpo.models.checkpointing import find_blocks\n"
+        "from bgpo.train.checkpoint import load_checkpoint, save_checkpoint\n"
+        "from bgpo.train.distributed import close_distributed, init_distributed, shard_model\n"
+        "context = init_distributed('fsdp')\n"
+        "torch.manual_seed(0)\n"
+        "model = LLaDAModelLM(LLaDAConfig.preset('tiny'))\n"
+        "model = shard_model(model, find_blocks(model), context)\n"
+        "optimizer = torch.optim.AdamW(model.parameters())\n"
+        "torch.manual_seed(100 + context.rank)\n"
+        "path = save_checkpoint(sys.argv[1], step=1, model=model, optimizer=optimizer, trainer_state={}, config={},\n"
+        "                       context=context, keep=2)\n"
+        "after = torch.rand(4)\n"
+        "torch.manual_seed(7)\n"
+        "load_checkpoint(f'{sys.argv[1]}/step-00000001', model=model, optimizer=optimizer, rank=context.rank)\n"
+        "assert torch.equal(torch.rand(4), after), 'this rank did not resume its own stream'\n"
+        "print('resumed', context.rank, after.tolist())\n"
+        "close_distributed(context)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path / "checkpoints")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    streams = sorted(line for line in result.stdout.splitlines() if line.startswith("resumed"))
+    assert [line.split()[1] for line in streams] == ["0", "1"]
+    assert streams[0].split(" ", 2)[2] != streams[1].split(" ", 2)[2]  # the ranks' streams differ

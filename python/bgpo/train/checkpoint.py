@@ -172,6 +172,10 @@ def save_checkpoint(directory: str | Path, *, step: int, model, optimizer, train
     model_state = _trainable_only(model, get_model_state_dict(model, options=options))
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     final = Path(directory) / f"step-{step:08d}"
+    rng = [rng_state()]  # every rank's generators (LoRA dropout draws from them), in rank order
+    if context.enabled:
+        rng = [None] * context.world_size if context.is_main else None
+        dist.gather_object(rng_state(), rng, dst=0)
     if context.is_main:
         if _is_complete(final):
             raise CheckpointError(f"checkpoint: {final} is already saved; a step is never saved twice")
@@ -182,7 +186,7 @@ def save_checkpoint(directory: str | Path, *, step: int, model, optimizer, train
         files = {
             "model.safetensors": lambda p: _save_safetensors(model_state, p),
             "optimizer.pt": _torch_save(optimizer_state),
-            "trainer.pt": _torch_save({**trainer_state, "rng": rng_state()}),
+            "trainer.pt": _torch_save({**trainer_state, "rng": rng}),
             "config.yaml": lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)),
         }
         try:
@@ -358,8 +362,10 @@ def _read(file: Path, read: Callable[[Path], object]):
         raise CheckpointError(f"checkpoint: cannot read {file}: {error}") from error
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG states from ``path``; return the trainer state (step, position...)."""
+def load_checkpoint(path: str | Path, *, model, optimizer, rank: int = 0) -> dict:
+    """Restore model, optimizer and this ``rank``'s RNG states from ``path``; return the trainer state (step,
+    position...).  A run with more ranks than the checkpoint's continues rank ``rank % saved``'s generators;
+    a checkpoint written before per-rank states holds rank 0's only."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -369,5 +375,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer) -> dict:
     optimizer_state = _read(path / "optimizer.pt", lambda f: torch.load(f, weights_only=True))
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
     state = _read(path / "trainer.pt", lambda f: torch.load(f, weights_only=True))
-    set_rng_state(state.pop("rng"))
+    saved = state.pop("rng")
+    saved = saved if isinstance(saved, list) else [saved]
+    set_rng_state(saved[rank % len(saved)])
     return state

@@ -50,10 +50,15 @@ def init_distributed(strategy: str) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistributedContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owns_group = not dist.is_initialized()  # a caller's own group is left to the caller
     if owns_group:
+        if torch.cuda.is_available():
+            # this rank's GPU as the current device: NCCL's barrier and object collectives and FSDP2's
+            # device mesh use it (without it every rank of a node works on cuda:0)
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
                               "fsdp" if strategy == "auto" else strategy, owns_group)
 
 

@@ -412,7 +412,7 @@ class Trainer:
         path = self._resume_from
         step = -1
         if path is not None:
-            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, rank=self.context.rank)
             self.scheduler.load_state_dict(state["scheduler"])
             self.scheduler = apply_optim_config(self.optimizer, self.scheduler, self.config.optim)
             self.step, self.warmed_up = state["step"], state["warmed_up"]
