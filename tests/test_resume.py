@@ -479,3 +479,32 @@ def test_on_policy_the_loss_is_zero_but_the_logged_signals_are_not(tmp_path, str
     record = json.loads(straight["records"])[0]
     assert record["loss"] == pytest.approx(0.0, abs=1e-6) and record["groups_with_signal"] > 0
     assert record["surrogate"] != 0 and record["elbo_rewarded"] == record["elbo_rewarded"]  # not NaN
+
+
+def test_lora_adapters_resume_only_on_their_base_weights(tmp_path, monkeypatch, capsys):
+    """A LoRA checkpoint holds the adapters only: resumed on other base weights (the file at model.path
+    replaced: no config key changes) it is refused, naming it, unless --force-resume; on the same base it
+    resumes."""
+    pytest.importorskip("peft")
+    lora = [*RUN, "lora.enabled=true", "lora.r=4", "steps=1"]
+    Trainer(tiny_config(tmp_path, *lora)).train()
+    resume = [*lora, "steps=2", "checkpoint.resume=true"]
+    build = trainer_module.build_model
+
+    def replaced_base(*args, **kwargs):
+        model = build(*args, **kwargs)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", replaced_base)
+    with pytest.raises(CheckpointError, match="trained on other base weights.*--force-resume"):
+        Trainer(tiny_config(tmp_path, *resume)).train()
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
+    forced = Trainer(tiny_config(tmp_path, *resume, "checkpoint.force_resume=true"))
+    assert forced.resume() and "continuing although the LoRA adapters" in capsys.readouterr().out
+    monkeypatch.setattr(trainer_module, "build_model", build)
+    same = Trainer(tiny_config(tmp_path, *resume))
+    same.train()
+    assert same.step == 2 and (tmp_path / "checkpoints" / "step-00000002").is_dir()

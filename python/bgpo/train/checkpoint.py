@@ -45,8 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
 from .distributed import DistributedContext
 
 __all__ = ["save_checkpoint", "save_weights", "load_checkpoint", "latest_checkpoint", "find_checkpoint",
-           "complete_checkpoints", "checkpoint_config", "checkpoint_step", "config_differences", "resume_point", "rng_state",
-           "set_rng_state", "CheckpointError", "RESUME_MAY_CHANGE"]
+           "complete_checkpoints", "checkpoint_config", "checkpoint_step", "check_base_weights", "config_differences",
+           "resume_point", "rng_state", "set_rng_state", "CheckpointError", "RESUME_MAY_CHANGE"]
 
 _LATEST = "latest"
 _COMPLETE = "complete.json"
@@ -353,6 +353,21 @@ def resume_point(directory: str | Path, config: dict, *, say: Callable[[str], No
     if differences:
         say(f"checkpoint.force_resume: continuing with changed {'; '.join(differences)}")
     return path
+
+
+def check_base_weights(saved: str | None, current: str | None, path: Path, *, force: bool,
+                       say: Callable[[str], None]) -> None:
+    """Refuse (``CheckpointError``) LoRA adapters trained on other base weights than the model built now,
+    by their ``weights_fingerprint``s (a replaced file at ``model.path`` changes no config key), unless
+    ``force`` (``checkpoint.force_resume``: ``say`` it).  Nothing to check without a saved fingerprint."""
+    if saved is None or saved == current:
+        return
+    problem = (f"the LoRA adapters of {path} were trained on other base weights than the model this config "
+               f"builds now (weights fingerprint {saved[:12]} then, {str(current)[:12]} now)")
+    if not force:
+        raise CheckpointError(f"checkpoint.resume: {problem}; restore that base model, or pass --force-resume to "
+                              "continue anyway")
+    say(f"checkpoint.force_resume: continuing although {problem}")
 
 
 def _read(file: Path, read: Callable[[Path], object]):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from ..models import HFMaskedDiffusionAdapter, LLaDAConfig, LLaDAModelLM, enable_activation_checkpointing
 from .config import LoraConfig, ModelConfig
 
-__all__ = ["build_model", "apply_lora", "adapters_disabled", "resolve_device", "DTYPES"]
+__all__ = ["build_model", "apply_lora", "adapters_disabled", "resolve_device", "weights_fingerprint", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +76,20 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, seed: int) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"lora.target_modules: none of {config.target_modules} is a module of the model")
     return model
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """A hex digest of the model's weights: every tensor's name, shape and dtype and an evenly strided
+    sample of up to ``samples`` of its values.  Cheap at 8B parameters (a few thousand values a tensor
+    leave the device) and different for any other checkpoint of a model (whose weights all differ); blind
+    to an edit of a few values between the samples."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())  # the bits (numpy has no bf16)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -39,13 +39,13 @@ from ..packing import supports_packing
 from ..policy_update import PolicyBatch, accumulate_policy_gradient, old_policy_elbos, old_policy_token_logprobs
 from ..rewards import get_reward
 from ..rollout import check_cache_offered, generate
-from .checkpoint import checkpoint_step, complete_checkpoints, load_checkpoint, resume_point, save_checkpoint, \
-    save_weights
+from .checkpoint import check_base_weights, checkpoint_step, complete_checkpoints, load_checkpoint, resume_point, \
+    save_checkpoint, save_weights
 from .config import TrainConfig, config_to_dict
 from .distributed import DistributedContext, all_reduce, all_reduce_gradients, broadcast_parameters, \
     check_same_on_every_rank, init_distributed, shard_model
 from .metrics import METRICS_FILE, MetricsWriter, learning_signals, peak_memory_mib
-from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device
+from .modeling import DTYPES, adapters_disabled, apply_lora, build_model, resolve_device, weights_fingerprint
 from .schedule import apply_optim_config, build_optimizer
 from .scoring import code_reward_checked, score_completions, split_responses
 from .seeds import derive_seed
@@ -90,6 +90,8 @@ class Trainer:
         check_cache_offered("rollout.cache", self.model, config.rollout.cache)
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.pad_id = self.eos_id if self.eos_id is not None else self.mask_id
+        # a LoRA checkpoint holds the adapters only: resume checks that they go back on the same base weights
+        self.base_fingerprint = weights_fingerprint(self.model) if config.lora.enabled else None
         if config.lora.enabled:
             self.model = apply_lora(self.model, config.lora, seed=derive_seed(config.seed, -3))
         self.micro_batch_size, self.samples_per_forward = self._plan_update()
@@ -378,7 +380,8 @@ class Trainer:
             return None
         state = {"step": self.step, "position": self.step * self.config.batch_size,
                  "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
-                 "warmed_up": self.warmed_up, "scheduler": self.scheduler.state_dict()}
+                 "warmed_up": self.warmed_up, "scheduler": self.scheduler.state_dict(),
+                 "base_fingerprint": self.base_fingerprint}
         path = save_checkpoint(self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
                                trainer_state=state, config=config_to_dict(self.config), context=self.context,
                                keep=self.config.checkpoint.keep)
@@ -413,6 +416,8 @@ class Trainer:
         step = -1
         if path is not None:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, rank=self.context.rank)
+            check_base_weights(state.get("base_fingerprint"), self.base_fingerprint, path,
+                               force=self.config.checkpoint.force_resume, say=self._say)
             self.scheduler.load_state_dict(state["scheduler"])
             self.scheduler = apply_optim_config(self.optimizer, self.scheduler, self.config.optim)
             self.step, self.warmed_up = state["step"], state["warmed_up"]
