@@ -1,11 +1,16 @@
 """Data: generators (unique 4x4 Sudoku, reachable Countdown), loading, prompt order, tokenizers."""
+import itertools
 import json
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bgpo.data import (CharTokenizer, PromptOrder, countdown_examples, encode_prompts, encode_responses,
-                       format_prompt, load_examples, render_prompt, sudoku_examples, sudoku_solutions)
+                       format_prompt, load_examples, load_train_and_eval, render_prompt, sudoku_examples,
+                       sudoku_solutions)
+from bgpo.data.generators import SUDOKU_MAX_EMPTY, _draw
 from bgpo.rewards import countdown_reward, sudoku_reward
 
 
@@ -45,6 +50,82 @@ def test_local_jsonl_and_field_map(tmp_path):
         load_examples(str(tmp_path / "missing.jsonl"))
 
 
+def test_impossible_generator_options_are_refused_not_looped_on():
+    with pytest.raises(ValueError, match="max_empty.*12"):
+        sudoku_examples(1, seed=0, min_empty=13, max_empty=13)
+    assert sudoku_examples(3, seed=0, min_empty=12, max_empty=12)[0]["puzzle"].count("0") == 12
+    for option in ("max_target", "max_number"):
+        with pytest.raises(ValueError, match=option):
+            countdown_examples(1, seed=0, **{option: 0})
+    with pytest.raises(ValueError, match="hint: 5 candidates in a row were rejected .1 of 2"):
+        answers = iter([{"x": 1}])
+        _draw(2, lambda: next(answers, None), patience=5, hint="hint")
+    from bgpo.train.config import load_config
+
+    with pytest.raises(ValueError, match="data.generator: max_empty"):  # config validation used to hang
+        load_config(None, ["model.tokenizer=char", "data.generator={min_empty: 13, max_empty: 13}"])
+
+
+def test_a_unique_4x4_sudoku_keeps_at_least_four_givens():
+    """The bound behind SUDOKU_MAX_EMPTY, exhaustively: no 3 cells of any of the 288 grids determine it."""
+    grids = sudoku_solutions([0] * 16, limit=1000)
+    assert len(grids) == 288
+
+    def determined(givens: int) -> bool:
+        return any(1 in Counter(tuple(g[i] for i in cells) for g in grids).values()
+                   for cells in itertools.combinations(range(16), givens))
+
+    assert not determined(3) and determined(4) and SUDOKU_MAX_EMPTY == 16 - 4
+
+
+def _rows_file(tmp_path, questions):
+    path = tmp_path / f"rows-{len(questions)}.jsonl"
+    path.write_text("\n".join(json.dumps({"question": q, "answer": str(i)}) for i, q in enumerate(questions)))
+    return str(path)
+
+
+def _data(source, **changes):
+    return SimpleNamespace(**{**dict(source=source, split="train", subset=None, train_size=None, eval_size=3,
+                                     eval_source=None, eval_split="test", field_map={}, generator={}), **changes})
+
+
+def test_a_local_file_holds_out_its_last_rows_never_trained_on(tmp_path):
+    path = _rows_file(tmp_path, [f"q{i}" for i in range(10)])
+    with pytest.raises(ValueError, match="data.split.*'test'"):
+        load_examples(path, split="test")
+    train, held_out = load_train_and_eval(_data(path), seed=0, template="{question}")
+    assert [e["question"] for e in held_out] == ["q7", "q8", "q9"]
+    assert [e["question"] for e in train] == [f"q{i}" for i in range(7)]
+    train, _ = load_train_and_eval(_data(path, train_size=2), seed=0, template="{question}")
+    assert [e["question"] for e in train] == ["q0", "q1"]
+    with pytest.raises(ValueError, match="data.eval_size.*10 rows"):
+        load_train_and_eval(_data(path, eval_size=10), seed=0, template="{question}")
+    # a training row that repeats a held-out prompt is dropped from training
+    repeated = _rows_file(tmp_path, ["a", "b", "c", "b"])
+    train, held_out = load_train_and_eval(_data(repeated, eval_size=1), seed=0, template="{question}")
+    assert [e["question"] for e in train] == ["a", "c"] and held_out[0]["question"] == "b"
+    # a local eval_source is held out whole (data.eval_split is for hub datasets); the trainer uses all this
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text(json.dumps({"question": "e0", "answer": "0"}))
+    from bgpo.train.trainer import Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(data=_data(path, eval_source=str(eval_path)), seed=0),
+                              template="{question}")
+    train, held_out = Trainer._load_data(trainer)
+    assert len(train) == 10 and held_out == [{"question": "e0", "answer": "0"}]
+
+
+def test_field_map_refuses_to_overwrite_a_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"problem": "2+2?", "answer": "4", "question": "other", "hint": "h"}))
+    with pytest.raises(ValueError, match="data.field_map.*'problem'.*'question'"):
+        load_examples(str(path), field_map={"problem": "question"})
+    with pytest.raises(ValueError, match="data.field_map.*'problem' and 'hint'.*'text'"):
+        load_examples(str(path), field_map={"problem": "text", "hint": "text"})
+    swapped = load_examples(str(path), field_map={"problem": "question", "question": "problem"})
+    assert swapped == [{"question": "2+2?", "answer": "4", "problem": "other", "hint": "h"}]
+
+
 def test_local_parquet(tmp_path):
     import pandas as pd
 
@@ -57,6 +138,19 @@ def test_format_prompt_names_a_missing_field():
     assert format_prompt("{numbers} -> {target}", {"numbers": [1, 2], "target": 3}) == "1, 2 -> 3"
     with pytest.raises(ValueError, match="data.prompt_template.*'puzzle'"):
         format_prompt("{puzzle}", {"question": "x"})
+
+
+def test_format_prompt_indexes_lists_and_names_the_failing_field():
+    example = {"numbers": [13, 5], "target": 8, "puzzle": "1234"}
+    assert format_prompt("first={numbers[0]} second={numbers[1]}", example) == "first=13 second=5"
+    assert format_prompt("[{numbers:>8}] {numbers!s} {target:03d}", example) == "[   13, 5] 13, 5 008"
+    for template, message in [("{0}", "positional field '{0}'"), ("{}", "positional field '{}'"),
+                              ("{numbers[2]}", "'{numbers\\[2\\]}': IndexError"),
+                              ("{target.real.x}", "'{target.real.x}': AttributeError"),
+                              ("{puzzle:d}", "'{puzzle:d}': ValueError"), ("{target[0]}", "'{target\\[0\\]}': TypeError"),
+                              ("{numbers", "expected '}'"), ("{nope[0]}", "field 'nope' is not in the example")]:
+        with pytest.raises(ValueError, match="data.prompt_template: .*" + message):
+            format_prompt(template, example)
 
 
 def test_prompt_order_is_a_permutation_per_epoch_and_resumable():

@@ -159,7 +159,8 @@ case("diffu_grpo_loss", "clip_eps", [0, 1, -0.5, 1.5, NAN, INF, True, "0.2"], la
 case("diffu_grpo_loss", "beta", BAD_NONNEGATIVE[:-1], lambda v: _diffu(beta=v, ref_logp=LOGP))
 case("diffu_grpo_loss", "denom", [0, -1, INF, NAN, True], lambda v: _diffu(denom=v))
 case("diffu_grpo_loss", "logp", [LOGP[0], None], lambda v: _diffu(logp=v))
-case("diffu_grpo_loss", "response_mask", [RMASK[:, :4]], lambda v: _diffu(response_mask=v))
+case("diffu_grpo_loss", "response_mask", [RMASK[:, :4], RMASK.float() * 0.5, RMASK.long(), None],
+     lambda v: _diffu(response_mask=v))
 
 
 def _wd1(**kw):
@@ -167,7 +168,7 @@ def _wd1(**kw):
 
 
 case("wd1_loss", "elbo", [ELBO[:1], ELBO.view(2, 2), ELBO[:2], torch.arange(4), None], lambda v: _wd1(elbo=v))
-case("wd1_loss", "group_size", NOT_INTS + [0, -1, 3], lambda v: _wd1(group_size=v))
+case("wd1_loss", "group_size", NOT_INTS + [0, -1, 3, 1], lambda v: _wd1(group_size=v))  # 1: every weight 0
 case("wd1_loss", "num_samples", NOT_INTS + [0], lambda v: _wd1(num_samples=v))
 case("wd1_loss", "advantages", [ADV[:3], ADV.view(2, 2), torch.tensor([NAN] * 4), None], lambda v: _wd1(advantages=v))
 

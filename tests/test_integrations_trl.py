@@ -191,6 +191,16 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value):
         DiffusionGRPOConfig(**options)
 
 
+@pytest.mark.parametrize("objective", ["spg", "wd1", "diffu_grpo"])
+def test_clip_bound_only_with_a_ratio_to_clip(tmp_path, objective):
+    """clip_bound clips the BGPO / VRPO ratio; with another objective it was silently ignored."""
+    options = dict(output_dir=str(tmp_path), max_completion_length=8, block_length=4, diffusion_steps=4,
+                   report_to="none", use_cpu=True, objective=objective, clip_bound=True)
+    with pytest.raises(ValueError, match="^clip_bound: clips the BGPO / VRPO ratio"):
+        DiffusionGRPOConfig(**options)
+    DiffusionGRPOConfig(**{**options, "objective": "vrpo"})
+
+
 def test_import_bgpo_does_not_import_trl():
     code = "import sys, bgpo, bgpo.integrations; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

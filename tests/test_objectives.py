@@ -296,3 +296,23 @@ def test_on_policy_bgpo_equals_vrpo_with_the_kl_term(tiny_lm):
     assert vrpo.item() > -ADVANTAGES.sum().item() / 4  # the KL is positive off the reference
     for name, grad in _grads(tiny_lm).items():
         torch.testing.assert_close(per_sample[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_elbo_kl_keeps_pulling_back_beyond_max_log_ratio():
+    """Regression: the log-ratio was clamped at max_log_ratio (10) inside k3, so the KL's gradient was exactly
+    0 once the policy's ELBO fell more than 10 nats below the reference's -- where it should pull hardest.
+    Beyond c, k3 is continued by its tangent: value k3(c) + (e^c - 1)(x - c), gradient e^c - 1."""
+    c = objectives.MAX_LOG_RATIO
+    ref = torch.zeros(3)
+    elbo = torch.tensor([-9.9, -10.1, -30.0], requires_grad=True)  # x = ref - elbo = 9.9, 10.1, 30
+    kl = objectives.elbo_kl(elbo, ref, num_samples=1, denom=1)
+    kl.backward()
+    tangent = lambda x: math.exp(c) - c - 1 + (math.exp(c) - 1) * (x - c)  # noqa: E731
+    expected = (math.exp(9.9) - 9.9 - 1) + tangent(10.1) + tangent(30.0)
+    assert kl.item() == pytest.approx(expected, rel=1e-6)
+    # dk3/dℓ = -(e^x - 1) up to c, then -(e^c - 1): never 0 where the policy has drifted
+    assert elbo.grad.tolist() == pytest.approx([-(math.exp(9.9) - 1), -(math.exp(c) - 1), -(math.exp(c) - 1)],
+                                               rel=1e-5)
+    free = torch.tensor([-9.9, -10.1, -30.0], requires_grad=True)
+    objectives.elbo_kl(free, ref, num_samples=1, denom=1, max_log_ratio=None).backward()
+    assert free.grad[0].item() == pytest.approx(elbo.grad[0].item())  # below c: exactly k3

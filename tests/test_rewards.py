@@ -1,6 +1,7 @@
 """Rewards: math (math-verify), Countdown (parsed, never eval'd), Sudoku, the code sandbox, user rewards."""
 import json
 import os
+import queue
 import sys
 import textwrap
 import threading
@@ -11,6 +12,8 @@ import pytest
 
 from bgpo.rewards import (RewardOutput, answer_candidates, code_reward, countdown_reward, evaluate_arithmetic,
                           extract_equation, final_answer, get_reward, math_reward, run_sandboxed, sudoku_reward)
+from bgpo.rewards import math as math_module
+from bgpo.rewards.base import last_boxed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rewards"
 
@@ -113,6 +116,38 @@ def test_countdown_bad_example_names_the_field():
         countdown_reward("1 + 2", {"numbers": [1, 2], "target": "three"})
 
 
+@pytest.mark.parametrize("target", [22.9, True, False, "22.9", None, [22]])
+def test_countdown_target_is_never_truncated(target):
+    # Regression: int(target) made 22.9 a 22 (3*5+7 scored 1.0) and True a 1.
+    with pytest.raises(ValueError, match="example\\['target'\\]: expected an int"):
+        countdown_reward("<answer>3*5+7</answer>", {"numbers": [3, 5, 7], "target": target})
+
+
+@pytest.mark.parametrize("target", [22, 22.0, "22"])
+def test_countdown_target_whole_values(target):
+    assert countdown_reward("<answer>3*5+7</answer>", {"numbers": [3, 5, 7], "target": target}).score == 1.0
+
+
+@pytest.mark.parametrize("text, boxed", [
+    ("The answer is \\boxed 7. Check: 7 = x^{3}", "7"),   # the later { is not the box's (was: "3")
+    ("\\boxed  {1}", "1"),                                # whitespace before the brace
+    ("$\\boxed 42$", "42"),
+    ("\\boxed 12, so", "12"),
+    ("\\boxed $x^{2}$", None),                             # no token: nothing boxed
+    ("\\boxed", None),
+    ("\\boxedfoo{3}", None),                               # another control word
+])
+def test_last_boxed_reads_one_token_without_a_brace(text, boxed):
+    assert last_boxed(text) == boxed
+
+
+def test_boxed_without_a_brace_in_math_and_countdown():
+    completion = "The answer is \\boxed 7. Check: 7 = x^{3}"
+    assert math_reward(completion, {"answer": "7"}).score == 1.0
+    assert math_reward(completion, {"answer": "3"}).score == 0.0
+    assert extract_equation("<answer>\\boxed 1+2 {3*5+7}</answer>") == "1+2"
+
+
 @pytest.mark.parametrize("completion, answer, score", [
     ("So she has 18 apples. #### 18", "She buys 3 bags ... #### 18", 1.0),
     ("The answer is \\boxed{18}.", "#### 18", 1.0),
@@ -135,7 +170,14 @@ def test_final_answer_takes_the_last_balanced_box():
     ("<answer>\\boxed{\\text{1,200 dollars}}</answer>", ["\\text{1,200 dollars}", "1200"]),
     ("<answer>\\boxed{2 x}</answer>", ["2 x"]),             # a single letter is no unit
     ("<answer>\\boxed{18 km/h}</answer>", ["18 km/h", "18"]),
-    ("<answer>18 apples were left over</answer>", ["18 apples were left over", "18"]),
+    ("<answer>18 apples</answer>", ["18 apples", "18"]),
+    ("<answer>18 apples were left over</answer>", ["18 apples were left over"]),  # a unit has two words at most
+    ("\\boxed{3 dollars per hour}", ["3 dollars per hour", "3"]),
+    ("\\boxed{9 square feet}", ["9 square feet", "9"]),
+    ("\\boxed{800 \\text{m}}", ["800 \\text{m}", "800"]),
+    ("\\boxed{12 or more}", ["12 or more"]),                 # a hedge is no unit
+    ("\\boxed{12 or fewer apples}", ["12 or fewer apples"]),
+    ("\\boxed{12 \\text{at least}}", ["12 \\text{at least}"]),
     ("<answer> 42 </answer>", ["42"]),
     ("\\boxed{3} <answer>\\boxed{5}</answer>", ["5"]),      # the answer tags win
     ("The result is 42.", []),                              # no box, no hashes, no tags: no answer
@@ -176,6 +218,53 @@ def test_math_reward_is_thread_safe_and_bounded_in_time():
     assert slow.score == 0.0 and "timeout" in slow.reason
     assert time.monotonic() - start < 30  # the bound, plus starting a fresh worker on a loaded CPU
     assert math_reward("\\boxed{5}", {"answer": "5"}).score == 1.0  # a new worker replaces the killed one
+
+
+@pytest.mark.parametrize("completion", ["\\boxed{12 or more}", "\\boxed{12 is not the answer}",
+                                        "\\boxed{12 or fewer apples}", "<answer>12, not less</answer>",
+                                        "\\boxed{\\text{12 or more}}"])
+def test_math_hedged_answers_score_zero(completion):
+    # Regression: any words after the number were a "unit", and the bare 12 scored 1.0.
+    out = math_reward(completion, {"answer": "#### 12"})
+    assert out.score == 0.0 and "hedged" in out.reason
+
+
+@pytest.mark.parametrize("answer", ["$" + " " * 20000 + "x", "\\text{" + " " * 20000 + "x}", "12 " + "or " * 20000])
+def test_math_hedge_check_takes_linear_time(answer):
+    start = time.perf_counter()
+    math_module._hedged(answer)
+    assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize("completion", ["\\boxed{12 apples}", "\\boxed{12 km/h}", "\\boxed{12 dollars per hour}"])
+def test_math_units_still_read_bare(completion):
+    assert math_reward(completion, {"answer": "#### 12"}).score == 1.0
+
+
+def test_math_worker_that_died_idle_is_replaced():
+    example = {"answer": "#### 42"}
+    assert math_reward("\\boxed{42}", example).score == 1.0
+    worker = math_module._IDLE.get_nowait()
+    worker.process.kill()  # e.g. the OOM killer, while the worker waits in the pool
+    worker.process.wait()
+    math_module._IDLE.put(worker)
+    assert math_reward("\\boxed{42}", example) == RewardOutput(1.0)  # was 0, "timeout" after 0.00 s
+
+
+def test_math_worker_dying_twice_says_so(tmp_path, monkeypatch):
+    dies = tmp_path / "dies.py"  # says ready, then exits on its first request
+    dies.write_text("import sys\nprint('\"ready\"', flush=True)\nsys.stdin.readline()\n")
+    monkeypatch.setattr(math_module, "_WORKER_FILE", str(dies))
+    monkeypatch.setattr(math_module, "_IDLE", queue.SimpleQueue())
+    out = math_reward("\\boxed{42}", {"answer": "42"})
+    assert out.score == 0.0 and "died" in out.reason and "timeout" not in out.reason
+
+
+@pytest.mark.parametrize("answer", ["", "#### ", "\\boxed{}"])
+def test_math_unparsable_reference_is_an_error(answer):
+    # Regression: every answer scored 0 with an empty reason.
+    with pytest.raises(ValueError, match="example\\['answer'\\]: could not parse"):
+        math_reward("\\boxed{42}", {"answer": answer})
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), "5", True])

@@ -86,6 +86,16 @@ def test_greedy_unmasking_order_matches_hand_computation():
     assert model.calls[0].tolist()[0] == [3, 1] + [MASK] * 6
 
 
+def test_order_is_minus_one_where_the_mask_token_itself_was_chosen():
+    """Regression: a position whose chosen prediction was the mask token (left masked, as LLaDA's sampler
+    does) got the step number in ``order``, as if it had been unmasked."""
+    model = _table_model(2, [(1, 0.9), (MASK, 0.95), (2, 0.8), (3, 0.7)])
+    out = generate(model, torch.zeros(1, 2, dtype=torch.long), gen_length=4, block_length=4, steps=4,
+                   return_order=True)
+    response, order = out.sequences[0, 2:].tolist(), out.order[0].tolist()
+    assert all((token == MASK) == (step == -1) for token, step in zip(response, order)), (response, order)
+
+
 def test_random_remasking_follows_the_schedule():
     model = _table_model(1, [(1, 0.5)] * 10)
     out = generate(model, torch.tensor([[0]] * 3), gen_length=10, block_length=5, steps=6,
@@ -264,14 +274,14 @@ def test_earlier_blocks_still_masked_compete_as_in_llada():
     prompt = torch.tensor([[0]])
     out = generate(model, prompt, gen_length=4, block_length=2, steps=4, return_order=True)
     assert out.sequences.tolist() == [[0, MASK, MASK, MASK, MASK]]
-    assert out.order.tolist() == [[3, -1, -1, -1]]
+    assert out.order.tolist() == [[-1, -1, -1, -1]]  # choosing the mask token unmasks nothing
     # Block 0 fills position 1 (.7) at step 0, position 0 (.6) at step 1 (it stays masked); in block 1
     # position 0 loses step 2 to position 3 (.65) and wins step 3 over position 2 (.55), which stays
     # masked.  (Restricted to the current block: [M, 1, 2, 3].)
     rows = [(MASK, 0.6), (1, 0.7), (2, 0.55), (3, 0.65)]
     out = generate(_table_model(1, rows), prompt, gen_length=4, block_length=2, steps=4, return_order=True)
     assert out.sequences.tolist() == [[0, MASK, 1, MASK, 3]]
-    assert out.order.tolist() == [[3, 0, -1, 2]]
+    assert out.order.tolist() == [[-1, 0, -1, 2]]
     kwargs = dict(gen_length=4, block_length=2, steps=4)
     for first in ((MASK, 0.9), (MASK, 0.6)):
         model = _table_model(1, [first] + rows[1:])

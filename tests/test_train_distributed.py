@@ -5,6 +5,7 @@ responses do not depend on how prompts are spread over ranks), accumulates its g
 samples without communication, and the gradients are reduced once; the parameters after the step must
 match a single process that saw all the prompts.
 """
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,11 @@ def test_two_ranks_match_one_process(tmp_path, strategy, extra, monkeypatch):
         # Ranks pack and sum their rows in another order than one process: fp32 rounding, relative to the scale.
         torch.testing.assert_close(_gradients(tmp_path / "two")[name], grad, rtol=1e-5,
                                    atol=1e-5 * float(grad.abs().max()) + 1e-12, msg=name)
+    # the logged means are over every rank's responses (elbo_per_token was rank 0's own mean)
+    logged = [[r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"][0] for run in ("one", "two")]
+    for key in ("reward", "elbo_per_token", "surrogate", "response_length", *(("kl",) if "kl" in logged[0] else ())):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-9), key
     # Adam divides by sqrt(v): float noise in a ~0 gradient moves a weight by a fraction of lr.
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert one.keys() == two.keys()

@@ -82,3 +82,44 @@ def test_backward_hook_runs_every_backward():
     assert len(calls) == 6 and sum(calls).item() == pytest.approx(out["loss"], rel=1e-5)
     for name, grad in _grads(model).items():
         torch.testing.assert_close(hooked[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("objective, option", [
+    ("wd1", "clip"), ("spg", "clip"), ("diffu_grpo", "clip"), ("spg", "old_elbos"), ("diffu_grpo", "old_elbos"),
+    ("bgpo", "spg_options"), ("vrpo", "diffu_grpo_options"), ("wd1", "spg_options"),
+])
+def test_an_option_the_objective_does_not_read_is_refused(objective, option):
+    """Regression: clip with wd1/spg, old_elbos with spg, spg_options with bgpo... were accepted and silently
+    ignored (the same gradient as without them)."""
+    model, batch = _setup()
+    value = {"clip": (0.8, 1.2), "old_elbos": torch.zeros(2, 8), "spg_options": {"beta": 1.0},
+             "diffu_grpo_options": {"iteration": 0}}[option]
+    with pytest.raises(ValueError, match=f"^{option}: objective '{objective}' does not use it"):
+        accumulate_policy_gradient(model, batch, objective=objective, num_samples=2, seed=1, **{option: value})
+
+
+def test_wd1_needs_groups_and_its_gradient_is_wd1_loss_summed_over_samples():
+    """wd1 through the pipeline equals ``objectives.wd1_loss`` of each sample's ELBO, summed over the n_t
+    samples (no test checked its scale: dropping the × G went unnoticed); a group of one is refused (its
+    softmax weights are all 0: a zero gradient, silently)."""
+    from bgpo import objectives
+
+    model, batch = _setup()
+    out = accumulate_policy_gradient(model, batch, objective="wd1", num_samples=3, seed=1)
+    pipeline = _grads(model)
+    model.zero_grad()
+    elbos = old_policy_elbos(model, batch, num_samples=3, seed=1)  # no grad: the same masks' values
+    torch.testing.assert_close(out["elbo"], elbos)
+    with torch.enable_grad():
+        from bgpo.policy_update import _sample_elbo
+        from bgpo.ops.fused_elbo_loss import fused_elbo
+
+        loss = sum(objectives.wd1_loss(fused_elbo(**_sample_elbo(model, batch, range(j, j + 1), num_samples=3, seed=1,
+                                                                 scheme="stratified", backend="auto")),
+                                       batch.advantages, group_size=4, num_samples=3) for j in range(3))
+        loss.backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(pipeline[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    single = PolicyBatch(batch.input_ids, 6, batch.response_mask, batch.advantages, batch.sequence_ids)
+    with pytest.raises(ValueError, match="group_size: wd1 weighs responses"):
+        accumulate_policy_gradient(model, single, objective="wd1", num_samples=2, seed=1)

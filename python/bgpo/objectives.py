@@ -29,7 +29,7 @@ Options shared with the public ports, defaults = the paper: ``clip=(ε_low, ε_h
 ``min(ρA, clip(ρ, 1-ε_low, 1+ε_high) A)`` to the ratio ρ (1 + d or e^d); off by default.
 ``max_log_ratio`` clamps d (or mean d) before every exponential, default ``MAX_LOG_RATIO`` = 10
 (e^10 ≈ 2.2e4): it prevents overflow when a sequence's log-likelihood has moved far; beyond it the
-gradient of that term is zero.  A KL term is off by default (``beta`` = 0; ``ref_elbo`` and ``beta``
+gradient of that term is zero (the KL's k3 is continued linearly there instead: see ``elbo_kl``).  A KL term is off by default (``beta`` = 0; ``ref_elbo`` and ``beta``
 for the ELBO objectives, ``ref_logp`` and ``beta`` in diffu-GRPO).
 """
 from __future__ import annotations
@@ -170,14 +170,18 @@ def k3(log_ratio: torch.Tensor) -> torch.Tensor:
 def elbo_kl(elbo, ref_elbo, *, num_samples, denom=None, max_log_ratio=MAX_LOG_RATIO) -> torch.Tensor:
     """``(1/(n_t D)) Σ_b k3(ℓ_b^ref - ℓ_b)``: one MC sample's share of the KL to the reference policy.
 
-    ``k3(x) = e^x - x - 1 >= 0``; x is clamped at ``max_log_ratio`` before the exponential (beyond it the
-    term is constant, as for the ratio).
+    ``k3(x) = e^x - x - 1 >= 0``.  Beyond x = c = ``max_log_ratio`` (the policy's ℓ more than c nats below
+    the reference's) k3 is continued by its tangent at c, ``k3(c) + (e^c - 1)(x - c)``: finite, and its
+    gradient stays e^c - 1 > 0, so the KL keeps pulling the policy back where it has drifted furthest (a
+    clamp there would make the gradient 0).
     """
     num_samples = _check_num_samples(num_samples)
     _check_max_log_ratio(max_log_ratio)
     elbo = _check_elbo(elbo)
-    x = _clamp_max(_check_vector("ref_elbo", ref_elbo, elbo) - elbo, max_log_ratio)
-    return k3(x).sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
+    x = _check_vector("ref_elbo", ref_elbo, elbo) - elbo
+    inside = _clamp_max(x, max_log_ratio)
+    kl = k3(inside) + (torch.exp(inside) - 1.0) * (x - inside)  # x - inside = 0 up to c
+    return kl.sum() / (num_samples * _check_denom(denom, elbo.shape[0]))
 
 
 def _check_kl(name: str, ref, beta) -> bool:
@@ -256,8 +260,11 @@ def diffu_grpo_loss(
     """
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"logp: expected a (B, T) tensor of per-token log-probs, got {getattr(logp, 'shape', logp)}")
-    if response_mask.shape != logp.shape:
-        raise ValueError(f"response_mask: expected shape {tuple(logp.shape)}, got {tuple(response_mask.shape)}")
+    if (not isinstance(response_mask, torch.Tensor) or response_mask.dtype != torch.bool
+            or response_mask.shape != logp.shape):  # a float mask would silently weigh tokens
+        raise ValueError(f"response_mask: expected a bool tensor of shape {tuple(logp.shape)}, got "
+                         f"{getattr(response_mask, 'dtype', type(response_mask).__name__)} "
+                         f"{tuple(getattr(response_mask, 'shape', ()))}")
     check_real("clip_eps", clip_eps, interval=(0, 1), ends="()")
     use_kl = _check_kl("ref_logp", ref_logp, beta)
     logp = logp.float()
@@ -309,6 +316,9 @@ def spg_loss(
 def wd1_weights(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) ``softmax_G(A) - softmax_G(-A)`` over each contiguous group of ``group_size`` responses."""
     check_int("group_size", group_size, low=1)
+    if group_size == 1:  # softmax over one response is 1: every weight would be 0, and so the gradient
+        raise ValueError("group_size: wd1 weighs responses against the others of their prompt's group; expected "
+                         "at least 2 responses per prompt, got 1")
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
     if advantages.dim() != 1 or advantages.shape[0] % group_size:

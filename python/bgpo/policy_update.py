@@ -42,6 +42,10 @@ __all__ = ["PolicyBatch", "accumulate_policy_gradient", "old_policy_elbos", "old
 
 OBJECTIVES = ("bgpo", "vrpo", "diffu_grpo", "spg", "wd1")
 LINEAR_OBJECTIVES = ("bgpo", "wd1")  # one backward per MC sample (or per samples_per_forward of them)
+# the objectives that read each optional argument of accumulate_policy_gradient (diffu_grpo's old
+# per-token log-probs and clip range travel in diffu_grpo_options)
+_READ_BY = {"old_elbos": ("bgpo", "vrpo"), "clip": ("bgpo", "vrpo"), "spg_options": ("spg",),
+            "diffu_grpo_options": ("diffu_grpo",)}
 
 
 @dataclass
@@ -65,6 +69,7 @@ class PolicyBatch:
             raise ValueError(f"advantages: expected shape {(N,)}, got {tuple(self.advantages.shape)}")
         if self.sequence_ids.shape != (N,):
             raise ValueError(f"sequence_ids: expected shape {(N,)}, got {tuple(self.sequence_ids.shape)}")
+        check_int("group_size", self.group_size, low=1)  # (wd1 checks that its micro-batches hold whole groups)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -224,6 +229,11 @@ def accumulate_policy_gradient(
             raise ValueError(f"{name}: expected None or a (num_samples, N) tensor, got {type(value).__name__}")
         if value is not None and value.shape != (num_samples, len(batch)):
             raise ValueError(f"{name}: expected shape {(num_samples, len(batch))}, got {tuple(value.shape)}")
+    for name, value in (("old_elbos", old_elbos), ("clip", clip), ("spg_options", spg_options),
+                        ("diffu_grpo_options", diffu_grpo_options)):
+        if value is not None and objective not in _READ_BY[name]:  # never silently ignored
+            raise ValueError(f"{name}: objective {objective!r} does not use it (only {' and '.join(_READ_BY[name])} "
+                             "do); pass None")
     if beta and objective in ("spg", "diffu_grpo"):
         raise ValueError(f"beta: objective {objective!r} takes no ELBO KL term (diffu_grpo: diffu_grpo_options"
                          " 'beta' and 'ref_logp')")

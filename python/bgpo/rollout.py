@@ -326,7 +326,8 @@ def generate(
             per_row = chosen.sum(dim=-1)
             parallel = parallel + per_row[per_row > 1].sum()  # on the device: read once, at the end
             if order is not None:
-                order[:, start - prompt_length : hi - prompt_length].masked_fill_(chosen, step)
+                # a chosen position whose prediction was the mask token itself stays masked: not unmasked
+                order[:, start - prompt_length : hi - prompt_length].masked_fill_(chosen & (tokens != mask_id), step)
             step += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)

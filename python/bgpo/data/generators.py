@@ -8,14 +8,40 @@
 
 Every example is a dict with the fields the task's prompt and reward read (``numbers``/``target``,
 ``puzzle``/``solution``) and the supervised ``answer`` text (the warm-up of the CPU demo trains on it).
-Generation is a pure function of the seed.
+Generation is a pure function of the seed.  Options no example can satisfy are refused up front, and a
+rejection loop gives up with a ValueError after ``_PATIENCE`` rejections in a row instead of hanging.
 """
 from __future__ import annotations
 
 import itertools
 import random
+from typing import Callable
 
 __all__ = ["countdown_examples", "sudoku_examples", "solve_sudoku", "sudoku_solutions"]
+
+# A 4x4 Sudoku with one solution keeps at least 4 givens, so at most 16 - 4 = 12 cells are empty.  Checked
+# exhaustively over all 288 solved 4x4 grids (tests/test_data.py): no 3 cells of a grid determine it (every
+# 3-cell pattern is shared by another grid), some 4 cells do.
+SUDOKU_MAX_EMPTY = 12
+# Rejected candidates in a row before a generator gives up (~0.4 s of 3-number Countdown, ~0.7 s of Sudoku
+# attempts on the dev CPU); feasible options accept far more often (Countdown max_target=1: 2.4%, Sudoku with
+# 12 empty cells: 29% of candidates), so the chance of giving up on them is nil ((1 - 0.024)^100000).
+_PATIENCE = {"countdown": 100_000, "sudoku": 1_000}
+
+
+def _draw(count: int, attempt: Callable[[], dict | None], *, patience: int, hint: str) -> list[dict]:
+    """``count`` examples from ``attempt`` (``None``: a rejected candidate); ``patience`` rejections in a row
+    stop with a ValueError that says which options to relax (``hint``)."""
+    examples, rejected = [], 0
+    while len(examples) < count:
+        example = attempt()
+        if example is not None:
+            examples.append(example)
+            rejected = 0
+        elif (rejected := rejected + 1) == patience:
+            raise ValueError(f"{hint}: {patience} candidates in a row were rejected "
+                             f"({len(examples)} of {count} examples made)")
+    return examples
 
 
 def _countdown_expression(rng: random.Random, numbers: list[int]) -> tuple[str, int]:
@@ -38,14 +64,20 @@ def countdown_examples(
     """``count`` Countdown problems: ``numbers`` (list of ints), a positive ``target``, an ``answer`` equation."""
     if num_numbers < 2:
         raise ValueError(f"num_numbers: expected at least 2, got {num_numbers}")
+    if max_number < 1:
+        raise ValueError(f"max_number: expected at least 1 (numbers are drawn from 1..max_number), got {max_number}")
+    if max_target < 1:
+        raise ValueError(f"max_target: expected at least 1 (targets are in 1..max_target), got {max_target}")
     rng = random.Random(seed)
-    examples = []
-    while len(examples) < count:
+
+    def attempt() -> dict | None:
         numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
         expression, target = _countdown_expression(rng, numbers)
-        if 0 < target <= max_target:
-            examples.append({"numbers": numbers, "target": target, "answer": expression})
-    return examples
+        return {"numbers": numbers, "target": target, "answer": expression} if 0 < target <= max_target else None
+
+    return _draw(count, attempt, patience=_PATIENCE["countdown"],
+                 hint=f"max_target: no target in 1..{max_target} from {num_numbers} numbers in 1..{max_number}; "
+                      "raise max_target or change num_numbers/max_number")
 
 
 def sudoku_solutions(grid: list[int], limit: int = 2) -> list[list[int]]:
@@ -96,11 +128,14 @@ def _random_solved_grid(rng: random.Random) -> list[int]:
 
 def sudoku_examples(count: int, *, seed: int, min_empty: int = 4, max_empty: int = 10) -> list[dict]:
     """``count`` unique-solution 4x4 puzzles: ``puzzle`` and ``solution`` as 16-digit strings (0 = empty)."""
-    if not 1 <= min_empty <= max_empty <= 16:
-        raise ValueError(f"min_empty: expected 1 <= min_empty <= max_empty <= 16, got {min_empty}, {max_empty}")
+    if not 1 <= min_empty <= max_empty:
+        raise ValueError(f"min_empty: expected 1 <= min_empty <= max_empty, got {min_empty}, {max_empty}")
+    if max_empty > SUDOKU_MAX_EMPTY:
+        raise ValueError(f"max_empty: expected min_empty <= max_empty <= {SUDOKU_MAX_EMPTY} (a 4x4 Sudoku with one "
+                         f"solution keeps at least 4 givens), got {max_empty}")
     rng = random.Random(seed)
-    examples = []
-    while len(examples) < count:
+
+    def attempt() -> dict | None:
         solution = _random_solved_grid(rng)
         puzzle = solution[:]
         target = rng.randint(min_empty, max_empty)
@@ -115,7 +150,10 @@ def sudoku_examples(count: int, *, seed: int, min_empty: int = 4, max_empty: int
                 puzzle[cell] = kept
             else:
                 empty += 1
-        if empty >= min_empty:
-            text = "".join(map(str, solution))
-            examples.append({"puzzle": "".join(map(str, puzzle)), "solution": text, "answer": text})
-    return examples
+        if empty < min_empty:
+            return None
+        text = "".join(map(str, solution))
+        return {"puzzle": "".join(map(str, puzzle)), "solution": text, "answer": text}
+
+    return _draw(count, attempt, patience=_PATIENCE["sudoku"],
+                 hint=f"min_empty: no puzzle with {min_empty}..{max_empty} empty cells found; lower min_empty")

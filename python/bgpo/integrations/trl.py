@@ -154,6 +154,9 @@ class DiffusionGRPOConfig(GRPOConfig):
             raise ValueError(f"beta: expected a KL coefficient >= 0, got {self.beta!r}")
         if self.beta > 0 and self.objective == "spg":
             raise ValueError("beta: spg takes no KL term; set beta=0.0")
+        if self.clip_bound and self.objective not in ("bgpo", "vrpo"):
+            raise ValueError(f"clip_bound: clips the BGPO / VRPO ratio; objective {self.objective!r} has none "
+                             "(diffu_grpo clips with epsilon itself)")
         if self.use_vllm:
             raise ValueError("use_vllm: vLLM samples autoregressively; diffusion rollouts use bgpo.rollout.generate")
         if self.fp16:
@@ -370,7 +373,8 @@ class DiffusionGRPOTrainer(GRPOTrainer):
                 seed=int(inputs["mask_seed"][0]), old_elbos=old_elbos, micro_batch_size=args.mc_micro_batch_size,
                 denom=len(batch) * accumulation, scheme=args.mask_scheme, clip=self._clip,
                 max_log_ratio=args.max_log_ratio, diffu_grpo_options=diffu_grpo_options,
-                spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight),
+                spg_options=dict(negative=args.spg_negative, beta=args.spg_beta, mix_weight=args.spg_mix_weight)
+                if args.objective == "spg" else None,
                 ref_elbos=ref_elbos, beta=self.kl_beta if ref_elbos is not None else 0.0,
                 gradient_sync=sync, backward=backward,
             )

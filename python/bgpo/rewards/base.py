@@ -13,6 +13,8 @@ from typing import NamedTuple
 __all__ = ["RewardOutput", "as_output", "answer_span", "last_boxed"]
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+_BOXED = re.compile(r"\\boxed(?![A-Za-z])\s*")  # ``\boxedfoo`` is another control word
+_TOKEN = re.compile(r"[^\s{}$]*")
 
 
 class RewardOutput(NamedTuple):
@@ -40,17 +42,22 @@ def answer_span(completion: str) -> str:
 
 
 def last_boxed(text: str, *, allow_unclosed: bool = False) -> str | None:
-    """The contents of the last ``\\boxed{...}`` (balanced braces), or None.
+    """The argument of the last ``\\boxed``, or None.
+
+    A ``{`` right after ``\\boxed`` (whitespace allowed) opens its argument, which runs to the matching
+    ``}``.  Without one, TeX takes a single token as the argument: read here as the run of characters
+    up to the next whitespace, brace or ``$``, less a trailing ``.,;:`` (``\\boxed 7.`` is ``7``), and
+    None if that is empty.  A later ``{`` is never the box's (``\\boxed 7. Check: x^{3}`` is ``7``).
 
     ``allow_unclosed``: a box still open at the end of ``text`` (a generation that stopped, or an
     ``</answer>`` before the ``}``) yields everything after its ``{``.
     """
-    start = text.rfind("\\boxed")
-    if start < 0:
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
         return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
+    brace = boxes[-1].end()
+    if not text.startswith("{", brace):
+        return _TOKEN.match(text, brace)[0].rstrip(".,;:") or None
     depth = 0
     for i in range(brace, len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)

@@ -75,16 +75,29 @@ def extract_equation(completion: str) -> str:
     return text.replace("{", "(").replace("}", ")").split("=")[0]
 
 
+def _integer_target(target) -> int:
+    """``example['target']`` as an int: an int (numpy's too, not a bool), a float with no fractional part
+    or a string of an integer; anything else (22.9 must not become 22) is an error."""
+    try:
+        if isinstance(target, float):
+            if target.is_integer():
+                return int(target)
+        elif isinstance(target, str):
+            return int(target)
+        elif not isinstance(target, bool):
+            return operator.index(target)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"example['target']: expected an int, a whole float or a string of an int, got {target!r}")
+
+
 def countdown_reward(completion: str, example: Mapping) -> RewardOutput:
     numbers = example.get("numbers", example.get("nums"))
     try:
         numbers = [operator.index(n) for n in numbers]
     except TypeError:
         raise ValueError(f"example['numbers']: expected a list of ints (or 'nums'), got {numbers!r}") from None
-    try:
-        target = int(example["target"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"example['target']: expected an int, got {example.get('target')!r}") from None
+    target = _integer_target(example.get("target"))
     equation = extract_equation(completion)
     try:
         value, used = evaluate_arithmetic(equation)

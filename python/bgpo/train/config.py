@@ -76,7 +76,8 @@ class DataConfig:
     source: str = _opt("generate:sudoku", "generate:countdown|sudoku, a .jsonl/.json/.parquet file, or a hub dataset")
     subset: str | None = _opt(None, "hub dataset configuration (e.g. 'main' for openai/gsm8k)")
     split: str = _opt("train", "hub split for training")
-    eval_source: str | None = _opt(None, "held-out prompts (same forms as source); None = generated, or eval_split")
+    eval_source: str | None = _opt(None, "held-out prompts (same forms as source); None = generated, eval_split, "
+                                         "or a local source's last eval_size rows")
     eval_split: str = _opt("test", "hub split for evaluation")
     train_size: int | None = _opt(10000, "examples to generate / read (None = all of a file or split)", ge=1)
     eval_size: int = _opt(64, "held-out prompts evaluated", ge=0)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import PromptOrder, TASK_PROMPTS, encode_prompts, encode_responses, format_prompt, load_examples, \
+from ..data import PromptOrder, TASK_PROMPTS, encode_prompts, encode_responses, format_prompt, load_train_and_eval, \
     load_tokenizer
 from ..data.tokenizer import check_tokenizer_matches
 from ..estimators import group_advantages
@@ -113,19 +113,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ data
     def _load_data(self) -> tuple[list[dict], list[dict]]:
-        d = self.config.data
-        common = dict(subset=d.subset, field_map=d.field_map, generator_options=d.generator)
-        train = load_examples(d.source, split=d.split, count=d.train_size, seed=self.config.seed, **common)
-        if d.eval_size == 0:
-            return train, []
-        if d.eval_source is None and d.source.startswith("generate:"):
-            seen = {format_prompt(self.template, e) for e in train}
-            pool = load_examples(d.source, count=d.eval_size * 4 + 16, seed=self.config.seed + 1, **common)
-            held_out = [e for e in pool if format_prompt(self.template, e) not in seen][: d.eval_size]
-        else:
-            held_out = load_examples(d.eval_source or d.source, split=d.eval_split, count=d.eval_size,
-                                     seed=self.config.seed + 1, **common)
-        return train, held_out
+        return load_train_and_eval(self.config.data, seed=self.config.seed, template=self.template)
 
     def _encode_prompts(self, examples: list[dict], length: int | None = None):
         texts = [format_prompt(self.template, e) for e in examples]
@@ -247,7 +235,8 @@ class Trainer:
             out = accumulate_policy_gradient(
                 self.model, batch, objective=p.objective, old_elbos=old_elbos,
                 clip=tuple(p.clip) if p.clip else None, max_log_ratio=p.max_log_ratio,
-                diffu_grpo_options=diffu_grpo_options(update), spg_options=p.spg,
+                diffu_grpo_options=diffu_grpo_options(update) if p.objective == "diffu_grpo" else None,
+                spg_options=p.spg if p.objective == "spg" else None,
                 gradient_sync=self._gradient_sync(), **kl, **common,
             )
             all_reduce_gradients(self.model, self.context)
@@ -266,12 +255,15 @@ class Trainer:
             grad_norms.append(grad_norm)
             if out["elbo"] is not None:
                 lengths = batch.response_mask.sum(dim=1).clamp_min(1).float()
-                elbos.append((out["elbo"].float().mean(dim=0) / lengths).mean().item())
+                elbos.append((out["elbo"].float().mean(dim=0) / lengths).sum().item())  # this rank's sum
                 rollout_elbo = out["elbo"] if rollout_elbo is None else rollout_elbo  # first update: on-policy
             if ref_elbos is not None:  # k3 of the ELBO log-ratio to the reference, per response
-                kls.append(k3((ref_elbos - out["elbo"]).float()).mean().item())
+                kls.append(k3((ref_elbos - out["elbo"]).float()).mean(dim=0).sum().item())
         self.step += 1
-        totals = all_reduce(torch.tensor([rewards.sum().item(), float(N)], dtype=torch.float64), self.context)
+        totals = all_reduce(torch.tensor([rewards.sum().item(), float(N), *elbos, *kls], dtype=torch.float64),
+                            self.context).tolist()
+        means = [v / totals[1] for v in totals[2:]]  # the updates' per-response sums over every rank: means
+        elbos, kls = means[:len(elbos)], means[len(elbos):]
         lengths = all_reduce(batch.response_mask.sum().double().reshape(1).cpu(), self.context)
         return {
             "kind": "train", "step": self.step, "reward": float(totals[0] / totals[1]),
