@@ -110,6 +110,16 @@ def test_every_bad_config_is_refused_naming_its_key(overrides, key):
     assert str(error.value).startswith(f"{key}: "), str(error.value)
 
 
+def test_a_local_file_has_one_split_refused_before_anything_loads(tmp_path):
+    """Regression: a local file ignored data.split (the held-out set was then its first training rows); the
+    loader refuses another split, and config validation says so before the model is loaded."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1+1", "answer": "2"}\n')
+    load_config(None, ["model.tokenizer=char", f"data.source={rows}", "data.split=train"])
+    with pytest.raises(ValueError, match="^data.split: a local file has one split, 'train'"):
+        load_config(None, ["model.tokenizer=char", f"data.source={rows}", "data.split=test"])
+
+
 def test_at_least_sixty_bad_configs_are_tried():
     assert len(BAD_CONFIGS) >= 60
 

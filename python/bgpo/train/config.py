@@ -322,6 +322,9 @@ def _check_sources(c: "TrainConfig") -> None:
     for key, source in (("data.source", d.source), ("data.eval_source", d.eval_source)):
         if source is not None and Path(source).suffix in (".jsonl", ".json", ".parquet"):
             _require(Path(source).is_file(), key, f"no such file {source!r}")
+    _require(Path(d.source).suffix not in (".jsonl", ".json", ".parquet") or d.split == "train", "data.split",
+             f"a local file has one split, 'train' (all its rows), not {d.split!r}; give held-out rows as another "
+             "file in data.eval_source")  # (before the model loads; the loader refuses it too)
     if not d.source.startswith("generate:"):
         _require(not d.generator, "data.generator", f"options of a generated source, but data.source is {d.source!r}")
         return
